@@ -1,0 +1,1 @@
+"""Synthetic Si-anode electrodes with known lithiation and deformation: the twin's truth (issue #3)."""

@@ -1,0 +1,1 @@
+"""Bundled scenarios, reachable by name from the installed ``twin`` command."""

@@ -1,0 +1,81 @@
+"""Dummy stages for runner tests: each execution leaves a marker file so counts survive processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from twin.runner import Stage, StageContext
+
+COUNTER_ENV = "TWIN_TEST_COUNTER_DIR"
+
+
+def _count(ctx: StageContext) -> None:
+    counter = Path(os.environ[COUNTER_ENV])
+    counter.mkdir(parents=True, exist_ok=True)
+    (counter / f"{ctx.stage}-{ctx.item or ''}-{uuid.uuid4().hex}").touch()
+
+
+def executions(counter: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for f in counter.glob("*-*-*"):
+        stage, item, _ = f.name.split("-")
+        name = f"{stage}[{item}]" if item else stage
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def compute_source(ctx: StageContext) -> None:
+    _count(ctx)
+    values = ctx.rng.normal(size=16) * ctx.scenario.sample.voxel_size_um
+    np.save(ctx.out_dir / "values.npy", values)
+
+
+def compute_scaled(ctx: StageContext) -> None:
+    _count(ctx)
+    values = np.load(ctx.input("source") / "values.npy")
+    np.save(ctx.out_dir / "scaled.npy", values * ctx.scenario.reconstruction.delta_beta)
+    (ctx.out_dir / "meta.json").write_text(json.dumps({"item": ctx.item}))
+
+
+def compute_noise(ctx: StageContext) -> None:
+    _count(ctx)
+    scaled = np.load(ctx.input("scaled", ctx.item) / "scaled.npy")
+    np.save(ctx.out_dir / "noisy.npy", scaled + ctx.rng.normal(size=scaled.shape))
+
+
+def compute_summary(ctx: StageContext) -> None:
+    _count(ctx)
+    total = sum(float(np.load(p / "noisy.npy").sum()) for (s, i), p in sorted(ctx.inputs.items(), key=str))
+    (ctx.out_dir / "summary.json").write_text(json.dumps({"total": total}))
+
+
+def compute_slow_writer(ctx: StageContext) -> None:
+    """Writes half a file, then waits to be killed."""
+    _count(ctx)
+    with open(ctx.out_dir / "big.bin", "wb") as fh:
+        fh.write(b"\x01" * 100_000)
+        fh.flush()
+        Path(os.environ[COUNTER_ENV], "writing").touch()
+        time.sleep(60)
+        fh.write(b"\x02" * 100_000)
+
+
+ITEMS = ["T0", "T1", "T2"]
+
+
+def dummy_stages(slow: bool = False) -> list[Stage]:
+    """source (reads sample.voxel_size_um) -> scaled (reads reconstruction.delta_beta) -> noise per item -> summary."""
+    return [
+        Stage("source", 1, ("sample.voxel_size_um",), compute_slow_writer if slow else compute_source),
+        Stage("scaled", 1, ("reconstruction.delta_beta",), compute_scaled,
+              needs=lambda item, r: [("source", None)], items=lambda r: ITEMS),
+        Stage("noise", 1, ("beamline.exposure_s",), compute_noise,
+              needs=lambda item, r: [("scaled", item)], items=lambda r: ITEMS),
+        Stage("summary", 1, (), compute_summary, needs=lambda item, r: [("noise", i) for i in ITEMS]),
+    ]

@@ -1,0 +1,188 @@
+"""The ``twin`` command line (also ``python -m twin``).
+
+Commands and output files are the contract of ARCHITECTURE.md. Exit codes:
+0 success, 2 invalid input (the message names the field or file), 3 a stage
+that is not available here or not built yet, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from twin.errors import StageNotAvailable, TwinError
+
+app = typer.Typer(
+    help="Digital twin of in situ X-ray nano-holotomography of Si anodes (ESRF ID16B).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+ScenarioArg = Annotated[str, typer.Argument(help="Bundled scenario name (tiny, quickstart, core_shell, pathway, paper) or a TOML path.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: dotted.key=value (repeatable).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.")]
+ScanOpt = Annotated[Optional[str], typer.Option("--scan", help="Only this scan (T0, T1, ...).")]
+StageScenarioOpt = Annotated[str, typer.Option("--scenario", help="Scenario whose parameters this stage uses.")]
+
+
+@app.callback()
+def _root(verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="-v info, -vv debug.")] = 0) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _scenario(source: str, overrides: list[str] | None):
+    from twin.scenario import load_scenario
+
+    return load_scenario(source, overrides or [])
+
+
+@app.command()
+def check(
+    scenario: ScenarioArg = "quickstart",
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Accept a scenario that exceeds this machine's memory.")] = False,
+) -> None:
+    """Print the resolved scenario and an estimate of its memory and time; exit 2 if invalid or too big."""
+    from twin.estimate import estimate, format_estimate, machine_memory_bytes
+    from twin.scenario import to_toml
+
+    sc = _scenario(scenario, set_)
+    out.print(to_toml(sc), markup=False, highlight=False)
+    est = estimate(sc)
+    out.print(format_estimate(est), markup=False, highlight=False)
+    available = machine_memory_bytes()
+    if est.peak_memory_bytes > available and not force:
+        err.print(
+            f"scenario {sc.name!r} needs about {est.peak_memory_bytes / 2**30:.1f} GiB at its peak "
+            f"({est.peak_stage}); this machine has {available / 2**30:.1f} GiB. "
+            "Run it on a bigger machine or a Dask cluster, scale it down, or pass --force.",
+            markup=False, soft_wrap=True,
+        )
+        raise typer.Exit(2)
+
+
+@app.command()
+def phantom(scenario: ScenarioArg = "quickstart", out_dir: OutOpt = Path("phantom"), scan: ScanOpt = None, set_: SetOpt = None) -> None:
+    """Write phantom.nc (phase, particle, lithiation, delta, beta, displacement) and phantom.png."""
+    _scenario(scenario, set_)
+    raise StageNotAvailable("twin phantom: the phantom stage is not built yet (issue #3)")
+
+
+@app.command()
+def rehearse(
+    scenario: ScenarioArg = "quickstart",
+    out_dir: OutOpt = Path("rehearsal"),
+    monte_carlo: Annotated[int, typer.Option("--monte-carlo", min=0, help="Number of Monte Carlo beamtimes.")] = 0,
+    set_: SetOpt = None,
+) -> None:
+    """Rehearse the beamtime: schedule.csv, timeseries.nc, rehearsal.json, timeline.png (montecarlo.csv)."""
+    _scenario(scenario, set_)
+    raise StageNotAvailable("twin rehearse: the electrochemistry/protocol stage is not built yet (issue #4)")
+
+
+@app.command()
+def simulate(scenario: ScenarioArg = "quickstart", out_dir: OutOpt = Path("holograms"), scan: ScanOpt = None, set_: SetOpt = None) -> None:
+    """Write one NXtomo HDF5 file of holograms per scan."""
+    _scenario(scenario, set_)
+    raise StageNotAvailable("twin simulate: the instrument forward model is not built yet (issue #5)")
+
+
+@app.command()
+def reconstruct(
+    input_file: Annotated[Path, typer.Argument(help="NXtomo HDF5 file.")],
+    out_dir: OutOpt = Path("reconstruction"),
+    scenario: StageScenarioOpt = "quickstart",
+    set_: SetOpt = None,
+) -> None:
+    """Reconstruct a volume (TIFF and .nc with voxel size) from an NXtomo file."""
+    _scenario(scenario, set_)
+    raise StageNotAvailable("twin reconstruct: the reconstruction pipeline is not built yet (issue #5)")
+
+
+@app.command()
+def segment(
+    volume: Annotated[Path, typer.Argument(help="Reconstructed volume (.nc or .tif).")],
+    model: Annotated[Path, typer.Option("--model", help="Trained U-Net (.keras).")],
+    out_dir: OutOpt = Path("segmentation"),
+    scenario: StageScenarioOpt = "quickstart",
+    set_: SetOpt = None,
+) -> None:
+    """Segment a volume into a label volume."""
+    _scenario(scenario, set_)
+    raise StageNotAvailable("twin segment: the segmentation stage is not built yet (issue #6)")
+
+
+@app.command()
+def dic(
+    reference: Annotated[Path, typer.Argument(help="Reference volume.")],
+    volume: Annotated[Path, typer.Argument(help="Deformed volume.")],
+    out_dir: OutOpt = Path("dic"),
+    scenario: StageScenarioOpt = "quickstart",
+    set_: SetOpt = None,
+) -> None:
+    """Register and correlate two volumes: phi_field.nc, strain TIFFs, nodes.csv."""
+    _scenario(scenario, set_)
+    raise StageNotAvailable("twin dic: the DIC stage is not built yet (issue #7)")
+
+
+@app.command()
+def run(
+    scenario: ScenarioArg = "quickstart",
+    out_dir: OutOpt = Path("runs/quickstart"),
+    set_: SetOpt = None,
+    force_stage: Annotated[Optional[list[str]], typer.Option("--force", help="Recompute this stage even if cached (repeatable).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of an existing Dask scheduler.")] = None,
+) -> None:
+    """Run the whole twin for all scans: every product, metrics.json, metrics.nc, report.html."""
+    from twin.orchestrate import run_twin
+
+    overrides = list(set_ or [])
+    if scheduler:
+        overrides.append(f"run.scheduler={scheduler!r}".replace("'", '"'))
+    sc = _scenario(scenario, overrides)
+    run_twin(sc, out_dir, force=force_stage or [], console=err)
+
+
+@app.command()
+def sweep(
+    scenario: ScenarioArg = "quickstart",
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="KEY=v1,v2,... (repeatable).")] = None,
+    out_dir: OutOpt = Path("sweep"),
+    set_: SetOpt = None,
+) -> None:
+    """Run a grid of scenarios: sweep.nc (swept dims × metrics) and sweep.png."""
+    _scenario(scenario, set_)
+    raise StageNotAvailable("twin sweep: sweeps are not built yet (issue #9)")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A directory written by `twin run`.")]) -> None:
+    """(Re)build report.html of a run."""
+    raise StageNotAvailable("twin report: the report is not built yet (issue #8)")
+
+
+@app.command()
+def bench(out_dir: OutOpt = Path("bench")) -> None:
+    """Run the benchmark suite: a table of ratios against references measured in the same run, and JSON."""
+    raise StageNotAvailable("twin bench: the benchmark suite is not built yet (issue #9)")
+
+
+def main() -> None:
+    """Entry point: run the app and map the twin's errors to exit codes (usage errors exit 2 by click)."""
+    try:
+        app()
+    except TwinError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
