@@ -155,13 +155,33 @@ def run(
 @app.command()
 def sweep(
     scenario: ScenarioArg = "quickstart",
-    param: Annotated[Optional[list[str]], typer.Option("--param", help="KEY=v1,v2,... (repeatable).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="KEY=v1,v2,... or KEY=lo:hi with --samples (repeatable).")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="Latin-hypercube points over the lo:hi ranges.")] = None,
     out_dir: OutOpt = Path("sweep"),
     set_: SetOpt = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of an existing Dask scheduler.")] = None,
 ) -> None:
-    """Run a grid of scenarios: sweep.nc (swept dims × metrics) and sweep.png."""
-    _scenario(scenario, set_)
-    raise StageNotAvailable("twin sweep: sweeps are not built yet (issue #9)")
+    """Run a grid of scenarios through one shared cache: sweep.nc (swept dims × metrics) and sweep.png."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from twin.errors import ScenarioError
+    from twin.sweep import parse_param, run_sweep
+
+    if not param:
+        raise ScenarioError("--param: give at least one KEY=v1,v2,...")
+    overrides = list(set_ or [])
+    if scheduler:
+        overrides.append(f'run.scheduler="{scheduler}"')
+    params = [parse_param(p) for p in param]
+    with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=err) as bar:
+        task = bar.add_task("", total=None)
+
+        def show(done: int, total: int, point: dict) -> None:
+            bar.update(task, completed=done, total=total, description=", ".join(f"{k}={v}" for k, v in point.items()))
+
+        run_sweep(scenario, params, out_dir, overrides=overrides, samples=samples, progress=show)
+    out.print(f"wrote {out_dir / 'sweep.nc'} and {out_dir / 'sweep.png'}", markup=False)
 
 
 @app.command()
@@ -171,9 +191,32 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A directory written by 
 
 
 @app.command()
-def bench(out_dir: OutOpt = Path("bench")) -> None:
-    """Run the benchmark suite: a table of ratios against references measured in the same run, and JSON."""
-    raise StageNotAvailable("twin bench: the benchmark suite is not built yet (issue #9)")
+def bench(
+    out_dir: OutOpt = Path("bench"),
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run benchmarks whose name contains this (repeatable).")] = None,
+) -> None:
+    """Run the benchmark suite: a table of ratios against references measured in the same run, and bench.json."""
+    import json
+
+    from rich.table import Table
+
+    from twin.bench import run_benchmarks
+    from twin.io import atomic_path
+
+    results = run_benchmarks(only, progress=lambda name: err.print(f"running {name} ...", markup=False))
+    table = Table(title="twin bench (ratios: lower is better unless named otherwise)")
+    for col in ("benchmark", "figure", "value"):
+        table.add_column(col)
+    for name, figures in results.items():
+        for key, value in figures.items():
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            table.add_row(name, key, shown)
+    out.print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "bench.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
+    if any("error" in figures for figures in results.values()):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,31 +1,35 @@
-"""``twin run``: the whole twin through the cached runner, published into one directory."""
+"""Running parts of the twin's DAG and publishing their outputs: behind `twin run`, `phantom`, `simulate`."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
 
 from twin.io import atomic_path
 from twin.parallel import executor
-from twin.runner import NodeReport, Runner, publish
+from twin.runner import Node, NodeReport, Runner, publish
 from twin.scenario import Scenario, to_toml
-from twin.stages import twin_stages
+from twin.stages import scans, twin_stages
 
 
-def run_twin(sc: Scenario, out_dir: Path, *, force: list[str] = (), console: Console | None = None) -> Runner:
-    """Run every stage for every scan; publish outputs under ``out_dir`` (per-scan files in ``out_dir/<scan>/``).
+def run_nodes(
+    sc: Scenario,
+    out_dir: Path,
+    targets: Callable[[Runner], Sequence[Node]],
+    *,
+    force: Sequence[str] = (),
+    console: Console | None = None,
+    publish_all: bool = False,
+) -> Runner:
+    """Bring ``targets(runner)`` up to date through the cache and publish them under ``out_dir``.
 
-    Parameters
-    ----------
-    sc
-        The validated scenario.
-    out_dir
-        Run directory; the cache defaults to ``out_dir/cache`` (``run.cache_dir``).
-    force
-        Stage names to recompute even when cached.
+    Per-scan outputs go to ``out_dir/<scan>/``, the others to ``out_dir``. With
+    ``publish_all`` every node the targets needed is published too (``twin run``).
+    The cache is ``run.cache_dir`` or ``out_dir/cache``.
     """
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
@@ -37,20 +41,42 @@ def run_twin(sc: Scenario, out_dir: Path, *, force: list[str] = (), console: Con
 
     def show(report: NodeReport) -> None:
         where = f"{report.stage}[{report.item}]" if report.item else report.stage
-        took = f"{report.seconds:6.1f} s" if report.status == "computed" else "   cached"
+        took = f"{report.seconds:6.1f} s" if report.status == "computed" else "  cached "
         console.print(f"  {report.status:<8} {where:<28} {took}  {report.key[:12]}", markup=False, highlight=False)
 
-    console.print(f"twin run {sc.name}: cache {cache_dir}", markup=False)
+    console.print(f"twin {sc.name}: cache {cache_dir}", markup=False, highlight=False)
     with executor(sc.run) as parallel_map:
         runner = Runner(sc, twin_stages(), cache_dir, force=force, executor=parallel_map, progress=show)
-        targets = [("validation", None)]
-        results = runner.run(targets)
-    for report in runner.reports:
-        publish(report.path, out_dir / (report.item or ""))
+        wanted = list(targets(runner))
+        results = runner.run(wanted)
+    chosen = [(r.stage, r.item, r.path) for r in runner.reports] if publish_all else [(s, i, p) for (s, i), p in results.items()]
+    for stage, item, path in chosen:
+        if stage != "microstructure":
+            publish(path, out_dir / (item or ""))
     summary = {"scenario": sc.name, "seconds": time.perf_counter() - start,
                "nodes": [{"stage": r.stage, "item": r.item, "key": r.key, "status": r.status, "seconds": r.seconds}
                          for r in runner.reports]}
     with atomic_path(out_dir / "run.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
-    del results
     return runner
+
+
+def scan_targets(stage: str, scan: str | None) -> Callable[[Runner], list[Node]]:
+    """All scans of a per-scan stage, or one (checked against the schedule)."""
+
+    def targets(runner: Runner) -> list[Node]:
+        names = scans(runner)
+        if scan is None:
+            return [(stage, s) for s in names]
+        if scan not in names:
+            from twin.errors import ScenarioError
+
+            raise ScenarioError(f"--scan {scan}: not in this scenario's schedule ({', '.join(names)})")
+        return [(stage, scan)]
+
+    return targets
+
+
+def run_twin(sc: Scenario, out_dir: Path, *, force: Sequence[str] = (), console: Console | None = None) -> Runner:
+    """`twin run`: every stage for every scan, everything published under ``out_dir``."""
+    return run_nodes(sc, out_dir, lambda r: [("validation", None)], force=force, console=console, publish_all=True)

@@ -303,6 +303,7 @@ class Runner:
         if unknown:
             raise StageError(f"--force: unknown stage(s) {sorted(unknown)}; stages are {sorted(self.by_name)}")
         self._keys: dict[Node, str] = {}
+        self._config = self.scenario.model_dump(mode="json")
         self._done: dict[Node, Path] = {}
         self._forced_done: set[Node] = set()
         self.cache.sweep_tmp(older_than_s=3600)
@@ -312,7 +313,7 @@ class Runner:
         """The content key of a node (computing its inputs' keys, never their outputs, unless ``needs`` asks)."""
         if node not in self._keys:
             stage = self._stage(node[0])
-            fields = {f: self.scenario.get(f) for f in stage.reads}
+            fields = {f: self.scenario.get(f, self._config) for f in stage.reads}
             inputs = [self.key(n) for n in stage.needs(node[1], self)]
             # The seed is in every key: any stage may draw from ctx.rng.
             self._keys[node] = _digest({"stage": stage.name, "version": stage.version, "item": node[1],

@@ -306,9 +306,9 @@ class Scenario(_Section):
         a_m = self.sample.voxel_size_um * 1e-6
         return [a_m**2 / (self.wavelength_m * z) for z in self.beamline.propagation_distances_m]
 
-    def get(self, dotted: str) -> Any:
+    def get(self, dotted: str, _dump: dict[str, Any] | None = None) -> Any:
         """The value at a dotted field path (``"dic.node_spacing_px"``), as plain Python data."""
-        value: Any = self.model_dump(mode="json")
+        value: Any = _dump if _dump is not None else self.model_dump(mode="json")
         for part in dotted.split("."):
             if not isinstance(value, dict) or part not in value:
                 raise ScenarioError(f"{dotted}: no such field{_suggest(part, value if isinstance(value, dict) else {})}")

@@ -1,0 +1,97 @@
+"""Sweeps: grids and Latin-hypercube points, shared stages computed once, resumable sweep.nc."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import _dummy_stages as dummy
+from twin.errors import ScenarioError
+from twin.sweep import Param, parse_param, sweep_points, run_sweep
+
+
+@pytest.fixture
+def counter(tmp_path, monkeypatch):
+    path = tmp_path / "counter"
+    monkeypatch.setenv(dummy.COUNTER_ENV, str(path))
+    return path
+
+
+def _total(runner):
+    return {"summary.total": json.loads((runner.output("summary") / "summary.json").read_text())["total"]}
+
+
+def _sweep(tmp_path, params, **kw):
+    return run_sweep("tiny", [parse_param(p) for p in params], tmp_path / "sweep", stages=dummy.dummy_stages,
+                     targets=[("summary", None)], metrics_of=_total, **kw)
+
+
+def test_parse_param_values_lists_and_ranges():
+    assert parse_param("reconstruction.delta_beta=120,170,300.5").values == (120, 170, 300.5)
+    assert parse_param("dic.node_spacing_px=[20,10],[30, 15]").values == ([20, 10], [30, 15])
+    assert parse_param("sample.mechanism=core_shell,pathway").values == ("core_shell", "pathway")
+    p = parse_param("beamline.exposure_s=0.01:0.04")
+    assert (p.low, p.high) == (0.01, 0.04)
+    for bad in ("nokey", "a.b=", "a.b=3:1", "a.b=x:y"):
+        with pytest.raises(ScenarioError):
+            parse_param(bad)
+
+
+def test_latin_hypercube_points_stay_in_range_and_follow_the_seed():
+    params = [Param("beamline.exposure_s", low=0.01, high=0.04), Param("reconstruction.delta_beta", low=100, high=500)]
+    a = sweep_points(params, 8, seed=3)
+    assert len(a) == 8
+    for p in a:
+        assert 0.01 <= p["beamline.exposure_s"] <= 0.04 and 100 <= p["reconstruction.delta_beta"] <= 500
+    # Latin hypercube: each of the 8 strata of each range holds exactly one point
+    strata = sorted(int((p["reconstruction.delta_beta"] - 100) / 400 * 8) for p in a)
+    assert strata == list(range(8))
+    assert a == sweep_points(params, 8, seed=3)
+    assert a != sweep_points(params, 8, seed=4)
+
+
+def test_grid_sweep_shares_stages_between_points(tmp_path, counter):
+    ds = _sweep(tmp_path, ["reconstruction.delta_beta=100,200,300", "beamline.exposure_s=0.01,0.02"])
+    assert dict(ds.sizes) == {"reconstruction.delta_beta": 3, "beamline.exposure_s": 2}
+    runs = dummy.executions(counter)
+    assert runs["source"] == 1  # reads neither swept field: once for the whole sweep
+    assert runs["scaled[T0]"] == 3  # once per delta_beta, shared by both exposures
+    assert runs["noise[T0]"] == 6 and runs["summary"] == 6
+    assert np.isfinite(ds["summary.total"].values).all()
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
+    # the summary scales with delta_beta (the dummy multiplies by it) apart from the added noise
+    assert not np.allclose(ds["summary.total"].values[0], ds["summary.total"].values[2])
+
+
+def test_invalid_point_fails_before_anything_runs(tmp_path, counter):
+    with pytest.raises(ScenarioError, match="reconstruction.delta_beta: must be > 0"):
+        _sweep(tmp_path, ["reconstruction.delta_beta=100,-5"])
+    assert not counter.exists()
+
+
+def test_killed_sweep_resumes_from_what_finished(tmp_path, counter, monkeypatch):
+    calls = {"n": 0}
+
+    def dying_metrics(runner):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the sweep is interrupted while handling the third point
+        return _total(runner)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200,300,400")], tmp_path / "sweep",
+                  stages=dummy.dummy_stages, targets=[("summary", None)], metrics_of=dying_metrics)
+    import xarray as xr
+
+    partial = xr.load_dataset(tmp_path / "sweep" / "sweep.nc", engine="h5netcdf")
+    assert np.isfinite(partial["summary.total"].values).sum() == 2
+    before = dummy.executions(counter)
+    ds = _sweep(tmp_path, ["reconstruction.delta_beta=100,200,300,400"])
+    after = dummy.executions(counter)
+    recomputed = {k for k in after if after[k] != before.get(k, 0)}
+    # only the point that never finished its nodes (400) is computed; 300's nodes were cached before the kill
+    assert recomputed == {"scaled[T0]", "scaled[T1]", "scaled[T2]", "noise[T0]", "noise[T1]", "noise[T2]", "summary"}
+    assert np.isfinite(ds["summary.total"].values).all()
+    np.testing.assert_array_equal(ds["summary.total"].values[:2], partial["summary.total"].values[:2])

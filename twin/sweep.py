@@ -1,0 +1,241 @@
+"""``twin sweep``: sensitivity studies over scenario fields, sharing every common stage.
+
+A sweep is a list of *points*, each a set of ``--set`` overrides of one base
+scenario: a full grid (``--param reconstruction.delta_beta=120,170,300``) or
+``--samples N`` Latin-hypercube points over ranges (``KEY=lo:hi``). All points
+run through one cache (``OUT/cache``), so a stage whose fields and inputs are
+equal between points is computed once: a δ/β sweep simulates the holograms
+once, a node-spacing sweep reconstructs once per δ/β. Points run one after the
+other; inside a point the scans go to the Dask executor side by side.
+
+``OUT/sweep.nc`` (swept dimensions × metrics, NaN where a point has not finished)
+is rewritten atomically after every point, so a killed sweep resumes: a rerun
+finds every finished node in the cache and only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twin.errors import ScenarioError
+from twin.io import atomic_path, write_netcdf
+from twin.parallel import executor
+from twin.runner import Runner, Stage
+from twin.scenario import Scenario, load_scenario, parse_override
+
+MetricsOf = Callable[[Runner], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One swept field: explicit values, or a range ``lo:hi`` for sampling."""
+
+    key: str
+    values: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def is_range(self) -> bool:
+        return self.low is not None
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so list values (``[20,10],[30,15]``) survive."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        depth += (ch == "[") - (ch == "]")
+        current += ch
+    parts.append(current)
+    return [p.strip() for p in parts]
+
+
+def parse_param(text: str) -> Param:
+    """Parse ``KEY=v1,v2,...`` or ``KEY=lo:hi``; each value is read like a ``--set`` value."""
+    if "=" not in text:
+        raise ScenarioError(f"--param {text!r}: expected KEY=v1,v2,... or KEY=lo:hi")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if ":" in raw and not raw.startswith(("[", '"')) and "//" not in raw:
+        lo, _, hi = raw.partition(":")
+        try:
+            low, high = float(lo), float(hi)
+        except ValueError:
+            raise ScenarioError(f"--param {text!r}: a range needs two numbers, lo:hi") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ScenarioError(f"--param {text!r}: a range needs finite lo < hi")
+        return Param(key, low=low, high=high)
+    values = tuple(parse_override(f"{key}={v}")[1] for v in _split_top_level(raw))
+    if not values or any(v == "" for v in values):
+        raise ScenarioError(f"--param {text!r}: empty value")
+    return Param(key, values=values)
+
+
+def sweep_points(params: Sequence[Param], samples: int | None, seed: int) -> list[dict[str, Any]]:
+    """The points of a sweep: the full grid of explicit values, or ``samples`` Latin-hypercube points.
+
+    Ranges need ``samples``; explicit values are crossed with the sampled ranges' points.
+    """
+    from scipy.stats import qmc
+
+    ranges = [p for p in params if p.is_range]
+    grids = [p for p in params if not p.is_range]
+    if len({p.key for p in params}) != len(params):
+        raise ScenarioError("--param: a field is swept twice")
+    if ranges and not samples:
+        raise ScenarioError(f"--param {ranges[0].key}={ranges[0].low}:{ranges[0].high}: a range needs --samples N")
+    grid_points = [dict(zip([p.key for p in grids], combo)) for combo in itertools.product(*[p.values for p in grids])]
+    if not ranges:
+        return grid_points
+    unit = qmc.LatinHypercube(d=len(ranges), seed=np.random.default_rng(seed)).random(samples)
+    sampled = [{p.key: float(p.low + u[i] * (p.high - p.low)) for i, p in enumerate(ranges)} for u in unit]
+    return [{**g, **s} for g in grid_points for s in sampled]
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def _coordinate(values: list[Any]) -> np.ndarray:
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return np.asarray(values, dtype=float)
+    return np.asarray([json.dumps(v) for v in values], dtype=object)
+
+
+def run_sweep(
+    base: str | Path,
+    params: Sequence[Param],
+    out_dir: Path,
+    *,
+    overrides: Sequence[str] = (),
+    samples: int | None = None,
+    stages: Callable[[], list[Stage]] | None = None,
+    targets: Sequence[tuple[str, str | None]] = (("validation", None),),
+    metrics_of: MetricsOf | None = None,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+) -> Any:
+    """Run every point of a sweep through one shared cache; return the ``sweep.nc`` dataset.
+
+    Parameters
+    ----------
+    base
+        Scenario name or path; ``overrides`` apply to every point.
+    params
+        Swept fields (:func:`parse_param`).
+    out_dir
+        Receives ``sweep.nc``, ``sweep.png``, ``points.json`` and the shared ``cache/``.
+    samples
+        Number of Latin-hypercube samples over the range parameters.
+    stages, targets, metrics_of
+        The DAG, the nodes each point needs, and how to read a finished point's
+        metrics (default: the validation stage's ``metrics.json``).
+    """
+    import xarray as xr
+
+    from twin.stages import twin_stages
+
+    stages = stages or twin_stages
+    metrics_of = metrics_of or _validation_metrics
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_sc = load_scenario(base, list(overrides))
+    points = sweep_points(params, samples, base_sc.run.seed)
+    # Validate every point before running any: a bad value fails the sweep at once, naming the field.
+    scenarios: list[Scenario] = [load_scenario(base, [*overrides, *(_override(k, v) for k, v in p.items())]) for p in points]
+    with atomic_path(out_dir / "points.json") as tmp:
+        tmp.write_text(json.dumps({"base": str(base), "overrides": list(overrides), "points": points}, indent=1))
+
+    gridded = samples is None
+    dims = [p.key for p in params] if gridded else ["point"]
+    coords = {p.key: _coordinate(list(p.values)) for p in params} if gridded else {"point": np.arange(len(points))}
+    shape = tuple(len(c) for c in coords.values())
+    results: dict[str, np.ndarray] = {}
+    cache_dir = Path(base_sc.run.cache_dir) if base_sc.run.cache_dir else out_dir / "cache"
+    start = time.perf_counter()
+    with executor(base_sc.run) as parallel_map:
+        for n, (point, sc) in enumerate(zip(points, scenarios)):
+            runner = Runner(sc, stages(), cache_dir, executor=parallel_map)
+            runner.run(list(targets))
+            metrics = metrics_of(runner)
+            metrics["runtime_s.point"] = sum(r.seconds for r in runner.reports)
+            metrics["computed_nodes"] = sum(r.status == "computed" for r in runner.reports)
+            index = (tuple(list(p.values).index(point[p.key]) for p in params) if gridded else (n,))
+            for name, value in metrics.items():
+                results.setdefault(name, np.full(shape, np.nan))[index] = float(value)
+            ds = _dataset(results, dims, coords, base_sc, points, time.perf_counter() - start)
+            write_netcdf(ds, out_dir / "sweep.nc")
+            if progress is not None:
+                progress(n + 1, len(points), point)
+    plot_sweep(ds, out_dir / "sweep.png")
+    return xr.load_dataset(out_dir / "sweep.nc", engine="h5netcdf")
+
+
+def _dataset(results, dims, coords, base_sc: Scenario, points, seconds: float):
+    import xarray as xr
+
+    data_vars = {name: (dims, values) for name, values in results.items()}
+    ds = xr.Dataset(data_vars, coords={k: (k, v) for k, v in coords.items()})
+    ds.attrs.update(scenario=base_sc.name, n_points=len(points), seconds=seconds, seed=base_sc.run.seed)
+    return ds
+
+
+def _validation_metrics(runner: Runner) -> dict[str, float]:
+    path = runner.output("validation") / "metrics.json"
+    return {k: float(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Errors, biases, distances and runtimes are minimized; scores (Dice, Pearson, fractions) maximized."""
+    return any(word in metric for word in ("rmse", "mae", "bias", "error", "distance", "runtime", "fwhm", "seconds"))
+
+
+def plot_sweep(ds, path: Path, metrics: Sequence[str] | None = None) -> Path:
+    """Metric-versus-parameter curves (one line per value of the second swept field), best setting marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(metrics or [m for m in ds.data_vars if m not in ("computed_nodes",)])[:6]
+    dims = [d for d in ds.dims]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        da = ds[name]
+        x_dim = dims[0]
+        x = ds[x_dim].values
+        numeric_x = x.dtype.kind in "fi"
+        xs = x if numeric_x else np.arange(len(x))
+        others = [d for d in da.dims if d != x_dim]
+        lines = [({}, da)] if not others else [({others[0]: v}, da.sel({others[0]: v})) for v in ds[others[0]].values]
+        for label, line in lines:
+            if line.ndim > 1:  # further swept dims: show their best value
+                line = line.min([d for d in line.dims if d != x_dim]) if lower_is_better(name) else line.max(
+                    [d for d in line.dims if d != x_dim])
+            ax.plot(xs, line.values, "o-", label=", ".join(f"{k.split('.')[-1]}={v}" for k, v in label.items()) or None)
+        values = da.values
+        if np.isfinite(values).any():
+            best = np.nanargmin(values) if lower_is_better(name) else np.nanargmax(values)
+            idx = np.unravel_index(best, values.shape)
+            ax.plot(xs[idx[da.dims.index(x_dim)]], values[idx], "r*", ms=16, label="best")
+        if not numeric_x:
+            ax.set_xticks(xs, [str(v) for v in x], rotation=30)
+        ax.set_xlabel(x_dim)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
