@@ -85,8 +85,31 @@ def rehearse(
     set_: SetOpt = None,
 ) -> None:
     """Rehearse the beamtime: schedule.csv, timeseries.nc, rehearsal.json, timeline.png (montecarlo.csv)."""
-    _scenario(scenario, set_)
-    raise StageNotAvailable("twin rehearse: the electrochemistry/protocol stage is not built yet (issue #4)")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from twin.rehearse import rehearse as run_rehearsal
+
+    sc = _scenario(scenario, set_)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done)
+
+        summary = run_rehearsal(sc, out_dir, monte_carlo_runs=monte_carlo, progress=progress)
+    nomenclature = summary["seed_nomenclature"]
+    out.print(f"{len(summary['scans'])} scans {summary['scans'][0]}..{summary['scans'][-1]} in {summary['series_duration_h']:.2f} h; "
+              f"charge {summary['charge_passed_mah'] * 1e3:.1f} µAh, discharge {summary['discharge_capacity_mah'] * 1e3:.1f} µAh; "
+              f"seed nomenclature {'matched' if nomenclature['matches'] else 'differs'} {nomenclature['twin']}", markup=False)
+    if "monte_carlo" in summary:
+        mc = summary["monte_carlo"]
+        out.print(f"Monte Carlo ({mc['runs']} beamtimes): P(>=1 complete series) = {mc['p_at_least_one_complete_series']:.3f}, "
+                  f"E[complete series] = {mc['expected_complete_series']:.2f}, utilization = {mc['utilization_mean']:.2f}, "
+                  f"lost scans = {mc['lost_scans_mean']:.2f}", markup=False)
+    out.print(f"written to {out_dir}", markup=False)
 
 
 @app.command()
@@ -104,8 +127,15 @@ def reconstruct(
     set_: SetOpt = None,
 ) -> None:
     """Reconstruct a volume (TIFF and .nc with voxel size) from an NXtomo file."""
-    _scenario(scenario, set_)
-    raise StageNotAvailable("twin reconstruct: the reconstruction pipeline is not built yet (issue #5)")
+    from pipeline.reconstruction import reconstruct_file, write_volume
+
+    sc = _scenario(scenario, set_)
+    # A beamline file carries its own geometry: check distances only when the user sets them.
+    distances = sc.beamline.propagation_distances_m if any(o.startswith("beamline.propagation_distances_m") for o in set_ or []) else None
+    result = reconstruct_file(input_file, sc.reconstruction, expected_distances_m=distances, workers=sc.run.workers)
+    nc_path, tif_path = write_volume(result, out_dir, attrs={"source": str(input_file)})
+    out.print(f"wrote {nc_path} and {tif_path}: {result.delta.shape} voxels of {result.voxel_size_um:g} µm; "
+              f"rotation axis {result.info['center_offset_used_px']:+.2f} px", markup=False, highlight=False)
 
 
 @app.command()
@@ -116,9 +146,16 @@ def segment(
     scenario: StageScenarioOpt = "quickstart",
     set_: SetOpt = None,
 ) -> None:
-    """Segment a volume into a label volume."""
-    _scenario(scenario, set_)
-    raise StageNotAvailable("twin segment: the segmentation stage is not built yet (issue #6)")
+    """Segment a volume into a label volume: labels.nc (`labels` uint8, 1 = Si) and labels.tif."""
+    from pipeline.segmentation import UNetSegmenter, read_volume, write_labels
+
+    sc = _scenario(scenario, set_).segmentation
+    data, path = read_volume(volume)
+    seg = UNetSegmenter.load(model, tile_shape_px=sc.tile_shape_px, tile_overlap_fraction=sc.tile_overlap_fraction,
+                             inference_batch_size=sc.inference_batch_size, probability_threshold=sc.probability_threshold)
+    labels = seg.segment(data)
+    write_labels(out_dir, labels, volume_path=path, attrs={"method": "unet", "model": str(model)})
+    out.print(f"{out_dir / 'labels.nc'}: {labels.shape} voxels, Si fraction {labels.mean():.3f}", markup=False)
 
 
 @app.command()
@@ -130,8 +167,42 @@ def dic(
     set_: SetOpt = None,
 ) -> None:
     """Register and correlate two volumes: phi_field.nc, strain TIFFs, nodes.csv."""
-    _scenario(scenario, set_)
-    raise StageNotAvailable("twin dic: the DIC stage is not built yet (issue #7)")
+    from pipeline.dic import correlate_files
+
+    sc = _scenario(scenario, set_)
+    summary = correlate_files(reference, volume, out_dir, sc, attrs={"reference": str(reference), "deformed": str(volume)})
+    final = summary["levels"][-1]
+    out.print(f"{final['converged_fraction']:.0%} of {final['n_nodes'] - final['n_background']} textured nodes converged "
+              f"at node spacing {final['node_spacing_px']} px; files in {out_dir}", markup=False, highlight=False)
+
+
+@app.command()
+def train(
+    images: Annotated[Path, typer.Argument(help="Grey-value slices: a 2D TIFF or a stack (n, y, x).")],
+    annotations: Annotated[Path, typer.Argument(help="Their annotations (TIFF, same shape), e.g. exported from ilastik.")],
+    si_label: Annotated[int, typer.Option("--si-label", help="Value of the Si class in the annotations.")] = 1,
+    out_dir: OutOpt = Path("model"),
+    scenario: StageScenarioOpt = "quickstart",
+    set_: SetOpt = None,
+) -> None:
+    """Train the U-Net on annotated slices: model.keras and training.json (for `twin segment --model`)."""
+    import json
+
+    import numpy as np
+
+    from pipeline.segmentation import UNetSegmenter, read_annotated_slices, tiles_from_slices
+    from twin.io import atomic_path
+
+    sc = _scenario(scenario, set_)
+    grey, mask = read_annotated_slices(images, annotations, si_label=si_label)
+    tiles, tile_masks = tiles_from_slices(grey, mask, tuple(sc.segmentation.tile_shape_px))
+    seg = UNetSegmenter.from_scenario(sc.segmentation).fit(tiles, tile_masks, np.random.default_rng(sc.run.seed))
+    seg.save(out_dir / "model.keras")
+    with atomic_path(out_dir / "training.json") as tmp:
+        tmp.write_text(json.dumps({"images": str(images), "annotations": str(annotations), "si_label": si_label,
+                                   "n_tiles": len(tiles), **seg.history}, indent=1))
+    out.print(f"{out_dir / 'model.keras'}: trained on {len(tiles)} tiles on {seg.history['device']} "
+              f"in {seg.history['seconds']:.0f} s, final loss {seg.history['loss'][-1]:.4f}", markup=False)
 
 
 @app.command()
@@ -186,8 +257,10 @@ def sweep(
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A directory written by `twin run`.")]) -> None:
-    """(Re)build report.html of a run."""
-    raise StageNotAvailable("twin report: the report is not built yet (issue #8)")
+    """(Re)build report.html of a run from its published files."""
+    from validation.report import build_report
+
+    out.print(f"wrote {build_report(run_dir)}", markup=False)
 
 
 @app.command()
