@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from twin.errors import StageNotAvailable, TwinError
+from twin.errors import TwinError
 
 app = typer.Typer(
     help="Digital twin of in situ X-ray nano-holotomography of Si anodes (ESRF ID16B).",
@@ -72,9 +72,33 @@ def check(
 
 @app.command()
 def phantom(scenario: ScenarioArg = "quickstart", out_dir: OutOpt = Path("phantom"), scan: ScanOpt = None, set_: SetOpt = None) -> None:
-    """Write phantom.nc (phase, particle, lithiation, delta, beta, displacement) and phantom.png."""
-    _scenario(scenario, set_)
-    raise StageNotAvailable("twin phantom: the phantom stage is not built yet (issue #3)")
+    """Write phantom.nc (phase, particle, lithiation, delta, beta, displacement) and phantom.png.
+
+    Without --scan: the pristine electrode (T0), no rehearsal needed. With --scan Ti: the truth at that
+    scan, through the cached stages (rehearsal -> microstructure -> truth).
+    """
+    import xarray as xr
+
+    from phantoms.truth import pristine_phantom, write_phantom_png
+    from twin.io import atomic_path, write_netcdf
+    from twin.orchestrate import run_nodes, scan_targets
+
+    sc = _scenario(scenario, set_)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if scan is None:
+        ds, table, _ = pristine_phantom(sc)
+        write_netcdf(ds, out_dir / "phantom.nc")
+        with atomic_path(out_dir / "particles.csv") as tmp:
+            table.to_csv(tmp, index=False)
+    else:
+        runner = run_nodes(sc, out_dir, scan_targets("truth", scan), console=err)
+        from twin.runner import publish
+
+        publish(runner.output("truth", scan), out_dir)
+        ds = xr.load_dataset(out_dir / "phantom.nc", engine="h5netcdf")
+    write_phantom_png(ds, out_dir / "phantom.png")
+    out.print(f"wrote {out_dir / 'phantom.nc'} and {out_dir / 'phantom.png'} ({' x '.join(map(str, ds['phase'].shape))} voxels "
+              f"of {ds.attrs['voxel_size_um']:g} um, scan {ds.attrs.get('scan', 'T0')})", markup=False, highlight=False)
 
 
 @app.command()
@@ -114,9 +138,13 @@ def rehearse(
 
 @app.command()
 def simulate(scenario: ScenarioArg = "quickstart", out_dir: OutOpt = Path("holograms"), scan: ScanOpt = None, set_: SetOpt = None) -> None:
-    """Write one NXtomo HDF5 file of holograms per scan."""
-    _scenario(scenario, set_)
-    raise StageNotAvailable("twin simulate: the instrument forward model is not built yet (issue #5)")
+    """Write one NXtomo HDF5 file of holograms per scan (OUT/<scan>/scan.nx), through the cached stages."""
+    from twin.orchestrate import run_nodes, scan_targets
+
+    sc = _scenario(scenario, set_)
+    runner = run_nodes(sc, out_dir, scan_targets("holograms", scan), console=err)
+    done = [r.item for r in runner.reports if r.stage == "holograms"]
+    out.print(f"wrote {', '.join(str(out_dir / s / 'scan.nx') for s in done)}", markup=False, highlight=False)
 
 
 @app.command()

@@ -78,5 +78,9 @@ def scan_targets(stage: str, scan: str | None) -> Callable[[Runner], list[Node]]
 
 
 def run_twin(sc: Scenario, out_dir: Path, *, force: Sequence[str] = (), console: Console | None = None) -> Runner:
-    """`twin run`: every stage for every scan, everything published under ``out_dir``."""
-    return run_nodes(sc, out_dir, lambda r: [("validation", None)], force=force, console=console, publish_all=True)
+    """`twin run`: every stage for every scan, everything published under ``out_dir``, then ``report.html``."""
+    from validation.report import build_report
+
+    runner = run_nodes(sc, out_dir, lambda r: [("validation", None)], force=force, console=console, publish_all=True)
+    build_report(out_dir)
+    return runner

@@ -61,6 +61,23 @@ class Sample(_Section):
     sei_thickness_um: Annotated[float, Field(ge=0)] = 0.05
     mechanism: Literal["core_shell", "pathway"] = Field("pathway", description="Lithiation geometry inside particles (Fig S14); the seed observes pathways.")
     front_width_um: Annotated[float, Field(ge=0)] = Field(0.1, description="Width of the lithiation front, µm.")
+    cbd_nanoporosity: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.5, description="Electrolyte-filled volume fraction inside the carbon-binder domain (sub-voxel nanopores).")
+    fragment_volume_fraction: Annotated[float, Field(ge=0, le=0.1)] = Field(
+        0.01, description="Small Si fragments (0.3-1.2 µm) between large particles, fraction of the electrode volume (part of the Si).")
+    lithiated_volume_expansion: Annotated[float, Field(ge=0)] = Field(
+        2.8, description="Relative volume change of Si at full lithiation (Li15Si4, x = 3.75), linear in x; 0 switches swelling off.")
+    axial_accommodation_fraction: Fraction = Field(
+        0.6, description="Share of the Si swelling volume taken up by electrode thickening along z; the rest fills pores.")
+    prescribed_deformation_gradient: list[Annotated[list[float], Field(min_length=3, max_length=3)]] | None = Field(
+        None, min_length=3, max_length=3,
+        description="Homogeneous F (3×3, rows z, y, x) applied about the volume centre at every scan after T0; for accuracy tests.")
+    prescribed_axial_strain_gradient_per_um: float = Field(
+        0.0, description="Extra axial strain ε_zz = g · (z − z_cu) growing from the current collector at every scan after T0, 1/µm.")
+    prescribed_bumps: list[Annotated[list[float], Field(min_length=7, max_length=7)]] = Field(
+        [], description="Smooth localized displacement bumps at every scan after T0: [z_um, y_um, x_um, radius_um, uz_um, uy_um, ux_um].")
+    gas_bubble_scans: list[str] = Field([], description="Scans showing a transient gas bubble in a pore (seed Fig S13: T2-T4).")
+    gas_bubble_radius_um: PositiveFloat = Field(1.5, description="Radius of the gas bubble at those scans, µm.")
 
 
 class Cell(_Section):
@@ -72,9 +89,9 @@ class Cell(_Section):
     cathode_chemistry: Literal["NMC811"] = Field("NMC811", description="Cathode parameters from PyBaMM's Chen2020.")
     model: Literal["DFN", "SPMe", "SPM"] = "DFN"
     series_resistance_ohm: Annotated[float, Field(ge=0)] = Field(
-        30000.0,
-        description="Extra contact/cell resistance of the micro cell, Ω. The seed gives no value; 30 kΩ makes the C/3 CC step"
-        " reach 4.3 V after about one timer interval, as Note 2 and Fig S4 describe (docs/rehearsal.md).",
+        120000.0,
+        description="Extra contact/cell resistance of the micro cell, Ω. The seed gives no value; 120 kΩ makes the C/3 CC step"
+        " reach 4.3 V early (Note 2, Fig S4) and the nominal protocol give the seed's T0-T9 (docs/rehearsal.md).",
     )
     leakage_current_ua: Annotated[float, Field(ge=0)] = Field(
         1.0, description="Parasitic (SEI formation) current while charging, µA; it flattens the CV tail (Fig S4)."
@@ -198,8 +215,13 @@ class Reconstruction(_Section):
         "estimate", description="Centre of rotation: estimated from opposite projections (nabu), or the file's recorded value."
     )
     munch_sigma: PositiveFloat = Field(1.0, description="Munch et al. wavelet-Fourier deringer damping σ.")
-    munch_levels: Annotated[int, Field(ge=1, le=10)] = Field(4, description="Munch deringer wavelet levels.")
-    slab_slices: PositiveInt = Field(32, description="Detector rows (volume z slices) processed together; bounds memory.")
+    munch_levels: Annotated[int, Field(ge=1, le=10)] = Field(4, description="Munch deringer wavelet levels (capped at what the sinogram supports).")
+    munch_wavelet: Literal["db15", "db10", "db5", "db3", "haar"] = Field(
+        "db15", description="Munch deringer wavelet (nabu's default db15; short ones such as db3 suit sinograms under ~200 columns)."
+    )
+    slab_slices: PositiveInt = Field(
+        32, description="Volume z slices processed together (plus a phase-retrieval margin above and below); bounds memory."
+    )
 
 
 class Segmentation(_Section):
@@ -238,6 +260,8 @@ class DIC(_Section):
     registration_max_iterations: PositiveInt = 3000
     max_iterations: PositiveInt = 3000
     delta_phi_tolerance: PositiveFloat = 1e-4
+    margin_px: Annotated[int, Field(ge=1)] = Field(3, description="Search margin of the first LDIC attempt, px (spam-ldic's default);"
+                                                   " the retries use retry_margins_px.")
     retry_margins_px: list[Annotated[int, Field(ge=0)]] = [10, 20, 30, 40]
     retry_max_iterations: list[PositiveInt] = [1000, 2000, 3000]
     residual_blur_sigma_px: Annotated[float, Field(ge=0)] = 2.0
@@ -246,6 +270,8 @@ class DIC(_Section):
     min_converged_fraction: Fraction = Field(0.5, description="A level whose converged fraction of textured nodes is below this is retried (seed: 'majority').")
     noise_percentile: Annotated[float, Field(gt=0, lt=100)] = Field(99.0, description="Percentile of the blurred |residual| of the double scan taken as the noise threshold, %.")
     processes: PositiveInt | None = Field(None, description="Processes for spam's multiprocessing; default: all CPUs (1 inside a Dask worker).")
+    interpolation_order: Literal[1, 3] = Field(1, description="Grey-level interpolation of spam's LDIC (spam-ldic's default 1; 3 halves the"
+                                                " sub-voxel bias at ~6x the time).")
 
 
 class Validation(_Section):

@@ -1,0 +1,506 @@
+"""The exactly known deformation of a scan, and the truth API that scores DIC against it.
+
+All positions are in voxels, (z, y, x), voxel centres at integer indices, as in
+spam. The map from the pristine (T0) configuration X to the scan's x is
+
+    φ = H ∘ A ∘ L,
+
+* L(X) = X + Σ_k u_k(X): local, compactly supported kernels. A *swelling*
+  kernel (centre c, radius R, amplitude a) is u = a (X − c) G(|X − c|/R) with
+  G = 1 for t ≤ 1 (homogeneous expansion by 1 + a inside the particle's
+  equivalent sphere), G = 1 − S((t − 1)/(T − 1)) for 1 < t < T and 0 beyond,
+  S(s) = 10s³ − 15s⁴ + 6s⁵ (C² smoothstep), T = 2.5: the surroundings are pushed
+  and compressed (pores close). A *bump* kernel (centre c, radius R, vector d)
+  is u = d (1 − S(|X − c|/R)). Gas bubbles are swelling kernels of a pore.
+* A(Y) = Y + w(Y_z) e_z, w(z) = ∫₀^z (λ(ζ) − 1) dζ: the electrode-scale axial
+  response. λ is piecewise linear between voxel layers (so w is exact and
+  piecewise quadratic): 1 + α·(slab-mean swelling of Si at that height,
+  smoothed over half a particle radius) + a prescribed ε_zz = g (z − z_cu).
+* H(Z) = c + F_h (Z − c): a prescribed homogeneous gradient about the volume centre.
+
+The local part is multiplied by a smooth mask m(z) that is 0 in the Cu foil and
+rises to 1 over 3 voxels above it: the current collector stays rigid.
+
+F = F_h · (I + (λ(Y_z) − 1) e_z e_zᵀ) · (I + Σ ∇u_k(X)), Y = L(X), is evaluated
+analytically at any point. The map is checked to fold nowhere (det F > 0 at
+every voxel and λ > 0) and inverted exactly: A and H in closed form / 1-D
+Newton, L by Newton iterations with the analytic F (residual < 1e-6 voxel).
+
+Φ in spam's convention at a node X: the 4×4 matrix with F in Φ[:3, :3] and the
+displacement u(X) = φ(X) − X in Φ[:3, 3]; a point X + dX maps to
+X + u(X) + F dX to first order (spam.DIC applies Φ about the node centre).
+Strain measures follow ``spam.deformation.decomposeF`` (tested against it).
+
+The kernel sums run in :mod:`phantoms._kernels` (numba, which spam already
+requires); ``backend="numpy"`` selects the NumPy reference, equal to 1e-12.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from phantoms import _kernels as compiled
+from twin.errors import ScenarioError, StageError
+
+log = logging.getLogger("phantoms.deformation")
+
+SUPPORT = 2.5  # swelling kernels reach SUPPORT × R: wide enough to fold nowhere for (1 + a)³ up to ~4
+COARSE_STRIDE = 2  # the inverse map is first solved on every 2nd voxel, then interpolated and polished
+NEWTON_TOL_VOX = 1e-6
+SLAB_VOXELS = 1 << 20  # points per slab in grid passes (bounds memory: ~100 bytes per point)
+
+
+def _smoothstep(s):
+    s = np.clip(s, 0.0, 1.0)
+    return s**3 * (10 - 15 * s + 6 * s**2)
+
+
+def _dsmoothstep(s):
+    inside = (s > 0) & (s < 1)
+    return np.where(inside, 30 * s**2 * (1 - s) ** 2, 0.0)
+
+
+class FoldingError(ScenarioError):
+    """A deformation whose Jacobian is not positive everywhere (the map folds material onto itself)."""
+
+
+@dataclass
+class Deformation:
+    """φ = H ∘ A ∘ L for one scan (see module docstring).
+
+    Attributes
+    ----------
+    shape
+        Volume shape (z, y, x) in voxels.
+    voxel_size_um
+        Voxel edge, µm.
+    swell_centre, swell_radius, swell_amplitude
+        Swelling kernels: (K, 3) voxels, (K,) voxels, (K,) dimensionless a (1 + a = linear stretch).
+    bump_centre, bump_radius, bump_vector
+        Bump kernels: (B, 3), (B,), (B, 3) voxels.
+    axial_stretch
+        λ at z = 0, 1, …, nz − 1 (piecewise linear, constant beyond).
+    homogeneous_F
+        F_h (3×3), applied about the volume centre.
+    """
+
+    shape: tuple[int, int, int]
+    voxel_size_um: float
+    swell_centre: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    swell_radius: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    swell_amplitude: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    bump_centre: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    bump_radius: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    bump_vector: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    axial_stretch: np.ndarray | None = None
+    homogeneous_F: np.ndarray = field(default_factory=lambda: np.eye(3))
+    rigid_below_z: float | None = None
+    rigid_ramp_vox: float = 3.0
+    backend: str = "numba"
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+        for name in ("swell_centre", "bump_centre", "bump_vector"):
+            setattr(self, name, np.asarray(getattr(self, name), float).reshape(-1, 3))
+        for name in ("swell_radius", "swell_amplitude", "bump_radius"):
+            setattr(self, name, np.asarray(getattr(self, name), float).reshape(-1))
+        if self.axial_stretch is None:
+            self.axial_stretch = np.ones(self.shape[0])
+        self.axial_stretch = np.asarray(self.axial_stretch, float)
+        self.homogeneous_F = np.asarray(self.homogeneous_F, float).reshape(3, 3)
+        if np.any(self.axial_stretch <= 0):
+            raise FoldingError(f"axial stretch λ(z) must be > 0, got min {self.axial_stretch.min():.3g}")
+        if np.linalg.det(self.homogeneous_F) <= 0:
+            raise FoldingError(f"sample.prescribed_deformation_gradient: det F must be > 0, got "
+                               f"{np.linalg.det(self.homogeneous_F):.3g}")
+        if np.any(self.swell_amplitude <= -1):
+            raise FoldingError("swelling kernel amplitude must be > -1 (a particle cannot shrink to nothing)")
+        lam = self.axial_stretch
+        self._w_nodes = np.concatenate([[0.0], np.cumsum(0.5 * (lam[1:] + lam[:-1]) - 1.0)])  # w at z = 0..nz-1
+        self._centre = (np.asarray(self.shape, float) - 1) / 2
+        self._support = np.concatenate([SUPPORT * self.swell_radius, self.bump_radius])
+        if self.backend not in ("numba", "numpy"):
+            raise ValueError(f"backend: must be 'numba' or 'numpy', got {self.backend!r}")
+        self._hash = None
+
+    # --- the three parts -------------------------------------------------------------
+    def _lam(self, z):
+        return np.interp(z, np.arange(len(self.axial_stretch)), self.axial_stretch)
+
+    def _w(self, z):
+        """w(z) = ∫₀^z (λ − 1), exact for the piecewise linear λ (constant extrapolation)."""
+        lam = self.axial_stretch
+        n = len(lam)
+        zc = np.clip(z, 0, n - 1)
+        k = np.clip(np.floor(zc).astype(int), 0, max(n - 2, 0))
+        s = zc - k
+        if n > 1:
+            slope = lam[k + 1] - lam[k]
+            w = self._w_nodes[k] + (lam[k] - 1) * s + 0.5 * slope * s**2
+        else:
+            w = np.zeros_like(zc)
+        return w + (lam[0] - 1) * np.minimum(z, 0) + (lam[-1] - 1) * np.maximum(z - (n - 1), 0)
+
+    def _kernels(self, y: np.ndarray, k: int, gradient: bool):
+        """Displacement (and gradient) of kernel k at offsets y = X − c (…, 3)."""
+        nk = len(self.swell_radius)
+        r = np.linalg.norm(y, axis=-1)
+        if k < nk:
+            R, a = self.swell_radius[k], self.swell_amplitude[k]
+            t = r / R
+            s = (t - 1) / (SUPPORT - 1)
+            G = 1 - _smoothstep(s)
+            u = a * y * G[..., None]
+            if not gradient:
+                return u, None
+            dG = -_dsmoothstep(s) / (SUPPORT - 1) / R  # dG/dr
+            with np.errstate(invalid="ignore", divide="ignore"):
+                coef = np.where(r > 0, dG / r, 0.0)
+            F = (a * coef)[..., None, None] * y[..., :, None] * y[..., None, :]
+            diag = np.einsum("...ii->...i", F)  # a writable view of the diagonal
+            diag += (a * G)[..., None]
+            return u, F
+        b = k - nk
+        R, d = self.bump_radius[b], self.bump_vector[b]
+        t = r / R
+        B = 1 - _smoothstep(t)
+        u = B[..., None] * d
+        if not gradient:
+            return u, None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            coef = np.where(r > 0, -_dsmoothstep(t) / R / r, 0.0)
+        F = d[:, None] * (coef[..., None, None] * y[..., None, :])
+        return u, F
+
+    @property
+    def _kernel_centres(self):
+        return np.concatenate([self.swell_centre, self.bump_centre])
+
+    def _local(self, P: np.ndarray, gradient: bool, z0: int | None = None):
+        """u_L and ∇u_L at points P: the kernels' sum, times a smooth mask m(z) that keeps the Cu foil rigid
+        (m = 0 below ``rigid_below_z``, rising to 1 over ``rigid_ramp_vox``): u = m Σu_k, ∇u = m Σ∇u_k + Σu_k ⊗ m′ e_z."""
+        u, F = self._local_sum(P, gradient, z0)
+        if self.rigid_below_z is None:
+            return u, F
+        s = (P[..., 0] - self.rigid_below_z) / self.rigid_ramp_vox
+        m = _smoothstep(s)
+        if gradient:
+            F *= m[..., None, None]
+            F[..., :, 0] += u * (_dsmoothstep(s) / self.rigid_ramp_vox)[..., None]
+        u *= m[..., None]
+        return u, F
+
+    def _local_sum(self, P: np.ndarray, gradient: bool, z0: int | None = None):
+        """Σ u_k and Σ ∇u_k at points P.
+
+        With ``z0`` given, P (nzs, ny, nx, 3) is a grid slab (from layer z0) moved by a smooth map, and each
+        kernel is evaluated on an index box of it; otherwise P is (n, 3) and a KD-tree finds the points.
+        """
+        u = np.zeros(P.shape)
+        F = np.zeros(P.shape[:-1] + (3, 3)) if gradient else None
+        centres = self._kernel_centres
+        if len(centres) == 0:
+            return u, F
+        if self.backend == "numba":
+            if self._hash is None:
+                self._hash = compiled.build_hash(centres, self._support)
+            vectors = np.concatenate([np.zeros((len(self.swell_radius), 3)), self.bump_vector])
+            radii = np.concatenate([self.swell_radius, self.bump_radius])
+            amps = np.concatenate([self.swell_amplitude, np.zeros(len(self.bump_radius))])
+            uf, Ff = compiled.sum_kernels(np.ascontiguousarray(P.reshape(-1, 3), dtype=np.float64), len(self.swell_radius),
+                                          centres, radii, amps, vectors, self._support, SUPPORT - 1.0, *self._hash, gradient)
+            return uf.reshape(P.shape), (Ff.reshape(P.shape[:-1] + (3, 3)) if gradient else None)
+        if z0 is None:
+            flat = P.reshape(-1, 3)
+            tree = cKDTree(flat)
+            for k, (c, sup) in enumerate(zip(centres, self._support)):
+                idx = np.asarray(tree.query_ball_point(c, sup), dtype=int)
+                if idx.size == 0:
+                    continue
+                du, dF = self._kernels(flat[idx] - c, k, gradient)
+                u.reshape(-1, 3)[idx] += du
+                if gradient:
+                    F.reshape(-1, 3, 3)[idx] += dF
+            return u, F
+        # P is a slab of a regular grid moved by a smooth map: bound each index plane's coordinate range,
+        # and evaluate each kernel on the index box whose planes can reach its support (a superset: exact).
+        lo_b = [P[..., k].min(axis=tuple(i for i in range(3) if i != k)) for k in range(3)]
+        hi_b = [P[..., k].max(axis=tuple(i for i in range(3) if i != k)) for k in range(3)]
+        for k, (c, sup) in enumerate(zip(centres, self._support)):
+            sl = []
+            for ax in range(3):
+                hit = np.flatnonzero((hi_b[ax] >= c[ax] - sup) & (lo_b[ax] <= c[ax] + sup))
+                if hit.size == 0:
+                    break
+                sl.append(slice(hit[0], hit[-1] + 1))
+            else:
+                sl = tuple(sl)
+                y = P[sl] - c
+                inside = np.einsum("...i,...i->...", y, y) < sup * sup  # only the support's points (~half the box)
+                du, dF = self._kernels(y[inside], k, gradient)
+                u[sl][inside] += du
+                if gradient:
+                    F[sl][inside] += dF
+        return u, F
+
+    def _outer(self, Y: np.ndarray, gradient: bool):
+        """H ∘ A at points Y and its gradient (…, 3, 3)."""
+        Z = Y.copy()
+        Z[..., 0] = Y[..., 0] + self._w(Y[..., 0])
+        x = self._centre + (Z - self._centre) @ self.homogeneous_F.T
+        if not gradient:
+            return x, None
+        FA = np.broadcast_to(np.eye(3), Y.shape[:-1] + (3, 3)).copy()
+        FA[..., 0, 0] = self._lam(Y[..., 0])
+        return x, self.homogeneous_F @ FA
+
+    # --- public truth API -------------------------------------------------------------
+    def map(self, points) -> np.ndarray:
+        """φ(X): positions at this scan of material points X (n, 3), voxels."""
+        P = np.asarray(points, float).reshape(-1, 3)
+        uL, _ = self._local(P, False)
+        return self._outer(P + uL, False)[0]
+
+    def displacement(self, points) -> np.ndarray:
+        """u(X) = φ(X) − X at reference points X (n, 3), voxels (components z, y, x)."""
+        P = np.asarray(points, float).reshape(-1, 3)
+        return self.map(P) - P
+
+    def gradient(self, points) -> np.ndarray:
+        """F(X) = ∂φ/∂X (n, 3, 3) at reference points X, rows/columns (z, y, x)."""
+        P = np.asarray(points, float).reshape(-1, 3)
+        uL, FL = self._local(P, True)
+        _, Fo = self._outer(P + uL, True)
+        return Fo @ (np.eye(3) + FL)
+
+    def phi(self, points) -> np.ndarray:
+        """spam's 4×4 Φ at each reference node X (n, 4, 4): F in [:3, :3], u(X) in [:3, 3]."""
+        P = np.asarray(points, float).reshape(-1, 3)
+        out = np.zeros((len(P), 4, 4))
+        out[:, :3, :3] = self.gradient(P)
+        out[:, :3, 3] = self.displacement(P)
+        out[:, 3, 3] = 1.0
+        return out
+
+    def strain(self, points) -> dict[str, np.ndarray]:
+        """Strain measures of F at reference points, as ``spam.deformation.decomposeF`` defines them."""
+        return decompose_F(self.gradient(points))
+
+    def inverse(self, points) -> np.ndarray:
+        """φ⁻¹(x): reference positions of the material now at x (n, 3), voxels."""
+        x = np.asarray(points, float).reshape(-1, 3)
+        return self._invert_local(self._invert_outer(x), None)
+
+    # --- inversion -------------------------------------------------------------------
+    def _invert_outer(self, x: np.ndarray) -> np.ndarray:
+        Z = self._centre + (x - self._centre) @ np.linalg.inv(self.homogeneous_F).T
+        target = Z[..., 0]
+        # start from a tabulated inverse of the monotone z ↦ z + w(z), then 1-D Newton
+        n = self.shape[0]
+        lo, hi = float(min(target.min(), 0)) - 1, float(max(target.max(), n)) + 1
+        zt = np.linspace(lo - abs(self._w(lo)), hi + abs(self._w(hi)), 8 * (n + 8))
+        z = np.interp(target, zt + self._w(zt), zt)
+        for _ in range(50):
+            step = (z + self._w(z) - target) / self._lam(z)
+            z = z - step
+            if np.max(np.abs(step), initial=0.0) < 1e-10:
+                break
+        Y = Z.copy()
+        Y[..., 0] = z
+        return Y
+
+    def _invert_local(self, Y: np.ndarray, z0: int | None, X0: np.ndarray | None = None) -> np.ndarray:
+        """Solve X + u_L(X) = Y by Newton iterations, steps clipped to 1 voxel (the kernels are strongly
+        nonlinear where they compress; unclipped steps overshoot). The Jacobian is re-evaluated every
+        4th iteration only (chord method: the costly part of a kernel evaluation is its gradient). On a grid
+        slab, once fewer than 5 % of the points are left they are finished as scattered points."""
+        if X0 is None:
+            uL, _ = self._local(Y, False, z0)
+            X = Y - uL
+        else:
+            X = X0.copy()
+        flat_X, flat_Y = X.reshape(-1, 3), Y.reshape(-1, 3)
+        todo = np.arange(len(flat_X))
+        J = None
+        err = np.inf
+        for it in range(80):
+            grid_mode = z0 is not None and todo.size > 0.05 * len(flat_X)
+            fresh = J is None or it % 4 == 0 or it >= 8  # full Newton if the chord iterations are slow
+            if grid_mode:
+                uL, FL = self._local(X, fresh, z0)
+                r = (X + uL - Y).reshape(-1, 3)[todo]
+                if fresh:
+                    J = np.eye(3) + FL.reshape(-1, 3, 3)[todo]
+            else:
+                uL, FL = self._local(flat_X[todo], fresh)
+                r = flat_X[todo] + uL - flat_Y[todo]
+                if fresh:
+                    J = np.eye(3) + FL
+            bad = np.abs(r).max(axis=1) >= NEWTON_TOL_VOX
+            err = float(np.abs(r).max(initial=0.0))
+            log.debug("inverse it %d: %d points left, max residual %.2e voxel, %s", it, todo.size, err,
+                      "grid" if grid_mode else "points")
+            if not bad.any():
+                return X
+            todo, r, J = todo[bad], r[bad], J[bad]
+            step = _solve3(J, r)
+            step *= np.minimum(1.0, 1.0 / np.maximum(np.linalg.norm(step, axis=1), 1e-300))[:, None]
+            flat_X[todo] -= step
+        raise StageError(f"deformation: inverse map did not converge (residual {err:.2e} voxel); the field folds")
+
+    # --- grid passes -------------------------------------------------------------------
+    def _slabs(self):
+        nz, ny, nx = self.shape
+        step = max(1, SLAB_VOXELS // (ny * nx))
+        for z0 in range(0, nz, step):
+            z1 = min(nz, z0 + step)
+            g = np.stack(np.meshgrid(np.arange(z0, z1), np.arange(ny), np.arange(nx), indexing="ij"), -1).astype(float)
+            yield z0, z1, g
+
+    def displacement_field(self, *, check: bool = True) -> np.ndarray:
+        """u on every voxel of the reference grid, float32 (3, z, y, x), voxels; checks det F > 0 on the way.
+
+        Raises
+        ------
+        FoldingError
+            When det F ≤ 0 at some voxel (with its position and value).
+        """
+        out = np.zeros((3,) + self.shape, np.float32)
+        for z0, z1, g in self._slabs():
+            uL, FL = self._local(g, check, z0)
+            x, Fo = self._outer(g + uL, check)
+            out[:, z0:z1] = np.moveaxis(x - g, -1, 0)
+            if check:
+                det = np.linalg.det(Fo @ (np.eye(3) + FL))
+                if det.min() <= 0:
+                    at = np.unravel_index(np.argmin(det), det.shape)
+                    raise FoldingError(
+                        f"deformation folds: det F = {det.min():.3g} at voxel (z, y, x) = "
+                        f"{(int(at[0]) + z0, int(at[1]), int(at[2]))}; reduce sample.prescribed_bumps / "
+                        f"sample.prescribed_deformation_gradient / sample.lithiated_volume_expansion")
+        return out
+
+    def warp(self, volumes: dict[str, tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+        """The volumes as imaged at this scan: v_i(x) = v_0(φ⁻¹(x)).
+
+        Parameters
+        ----------
+        volumes
+            name → (reference volume (z, y, x), interpolation order: 0 for labels, 1 for fields).
+
+        Notes
+        -----
+        Slab by slab: φ⁻¹ of the slab's voxel centres (exact Newton, see
+        :meth:`inverse`), then ``scipy.ndimage.map_coordinates`` with
+        ``mode="nearest"`` (material from outside the field of view repeats the border).
+        """
+        out = {name: np.empty(self.shape, v.dtype) for name, (v, _) in volumes.items()}
+        guess = self._coarse_inverse()
+        for z0, z1, g in self._slabs():
+            Y = self._invert_outer(g)
+            X0 = None
+            if guess is not None:
+                c = np.moveaxis(g, -1, 0) / COARSE_STRIDE
+                X0 = g + np.stack([ndimage.map_coordinates(d, c, order=3, mode="nearest", prefilter=False)
+                                   for d in guess], -1)
+            X = self._invert_local(Y, z0, X0)
+            coords = np.moveaxis(X, -1, 0)
+            for name, (v, order) in volumes.items():
+                out[name][z0:z1] = ndimage.map_coordinates(v, coords, order=order, mode="nearest")
+        return out
+
+    def _coarse_inverse(self) -> list[np.ndarray] | None:
+        """φ⁻¹(x) − x on every COARSE_STRIDE-th voxel, as cubic B-spline coefficients (a first guess for Newton)."""
+        if len(self._kernel_centres) == 0:
+            return None
+        axes = [np.arange(0, n + COARSE_STRIDE - 1, COARSE_STRIDE, dtype=float) for n in self.shape]
+        g = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+        X = self._invert_local(self._invert_outer(g), 0)
+        return [ndimage.spline_filter(X[..., k] - g[..., k], order=3, mode="nearest") for k in range(3)]
+
+    # --- persistence --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "voxel_size_um": self.voxel_size_um,
+                "swell_centre": self.swell_centre.tolist(), "swell_radius": self.swell_radius.tolist(),
+                "swell_amplitude": self.swell_amplitude.tolist(), "bump_centre": self.bump_centre.tolist(),
+                "bump_radius": self.bump_radius.tolist(), "bump_vector": self.bump_vector.tolist(),
+                "axial_stretch": self.axial_stretch.tolist(), "homogeneous_F": self.homogeneous_F.tolist(),
+                "rigid_below_z": self.rigid_below_z, "rigid_ramp_vox": self.rigid_ramp_vox}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Deformation:
+        return cls(**{k: d[k] for k in ("shape", "voxel_size_um", "swell_centre", "swell_radius", "swell_amplitude",
+                                          "bump_centre", "bump_radius", "bump_vector", "axial_stretch", "homogeneous_F",
+                                          "rigid_below_z", "rigid_ramp_vox")})
+
+
+def _solve3(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve A x = b for a stack of 3×3 systems by the adjugate (several times faster than np.linalg.solve here)."""
+    c0 = np.cross(A[:, 1], A[:, 2])
+    c1 = np.cross(A[:, 2], A[:, 0])
+    c2 = np.cross(A[:, 0], A[:, 1])
+    det = np.einsum("ij,ij->i", A[:, 0], c0)
+    return (c0 * b[:, :1] + c1 * b[:, 1:2] + c2 * b[:, 2:3]) / det[:, None]
+
+
+def load_deformation(path: str | Path) -> Deformation:
+    """Read a scan's ``deformation.json`` (or the truth directory that holds it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "deformation.json"
+    return Deformation.from_dict(json.loads(path.read_text()))
+
+
+def decompose_F(F: np.ndarray) -> dict[str, np.ndarray]:
+    """Strain measures of a field of F (…, 3, 3), with ``spam.deformation.decomposeF``'s definitions.
+
+    Returns
+    -------
+    dict
+        ``vol`` = det F − 1; ``U`` = (FᵀF)^½; ``dev`` = ‖U det(F)^(−1/3) − I‖;
+        ``e`` = ½(F + Fᵀ) − I; ``volss`` = tr e; ``devss`` = ‖e − (tr e / 3) I‖;
+        ``z`` = diag U (zoom along z, y, x: the axial component is ``z[..., 0]``).
+    """
+    F = np.asarray(F, float)
+    C = np.swapaxes(F, -1, -2) @ F
+    lam, V = np.linalg.eigh(C)
+    U = (V * np.sqrt(np.clip(lam, 0, None))[..., None, :]) @ np.swapaxes(V, -1, -2)
+    det = np.linalg.det(F)
+    eye = np.eye(3)
+    dev = np.linalg.norm(U * np.cbrt(det)[..., None, None] ** -1 - eye, axis=(-2, -1))
+    e = 0.5 * (F + np.swapaxes(F, -1, -2)) - eye
+    volss = np.trace(e, axis1=-2, axis2=-1)
+    devss = np.linalg.norm(e - volss[..., None, None] / 3 * eye, axis=(-2, -1))
+    return {"vol": det - 1, "dev": dev, "U": U, "e": e, "volss": volss, "devss": devss,
+            "z": np.diagonal(U, axis1=-2, axis2=-1)}
+
+
+def relative(reference: Deformation, deformed: Deformation, points) -> tuple[np.ndarray, np.ndarray]:
+    """Truth between two scans i → j at points x given in scan i's volume (voxels).
+
+    Returns
+    -------
+    phi : (n, 4, 4)
+        spam Φ at each node: F_ij = F_j(X) F_i(X)⁻¹ and u_ij = φ_j(X) − x, X = φ_i⁻¹(x).
+    X : (n, 3)
+        The reference (T0) positions of those material points.
+
+    Notes
+    -----
+    This is what a DIC between consecutive scans T(i) → T(j) measures; compose
+    with :meth:`Deformation.phi` of T0 → T(i) for the cumulative field.
+    """
+    x = np.asarray(points, float).reshape(-1, 3)
+    X = reference.inverse(x)
+    out = np.zeros((len(x), 4, 4))
+    out[:, :3, :3] = deformed.gradient(X) @ np.linalg.inv(reference.gradient(X))
+    out[:, :3, 3] = deformed.map(X) - x
+    out[:, 3, 3] = 1.0
+    return out, X

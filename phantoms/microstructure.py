@@ -1,0 +1,431 @@
+"""The pristine electrode: Cu foil, irregular Si particles, CBD at necks, pores, fragments, separator.
+
+Particles are shrunk, noise-perturbed cells of a Laguerre (power) tessellation
+of a random sphere packing: the packing sets the lognormal size distribution,
+the cells make faceted, irregular grains (jet-milled Si is angular, Figs S11,
+S16-S17), and shrinking every cell about its seed by the same gauge level packs
+them to the recipe's Si volume fraction (57 % at the seed's loading), far beyond
+the ~38 % that random sequential addition of convex bodies can reach, without
+any overlap: each voxel belongs to one cell.
+
+No library builds this: PoreSpy (not a dependency) packs spheres only,
+``scipy.spatial.Voronoi`` has no weights and gives polyhedra, not voxels. The
+power cell of a voxel is found with ``scipy.spatial.cKDTree`` through the
+classical lifting |X − s|² − w = |(X, 0) − (s, √(W − w))|² − W.
+
+Gauge of a convex cell about its seed: for y = X − s_i,
+g(y) = max_j (y·n_ij) / h_ij over the facet planes {y·n_ij = h_ij}, with
+n_ij = d/|d|, h_ij = (|d|² − w_j + w_i) / (2|d|), d = s_j − s_i. Redundant
+planes do not change g, so the K nearest seeds plus the Cu and top planes
+suffice. A particle is {g' < k} with g' = g mixed with a rounded gauge and
+multiplied by smooth noise; k is the quantile that gives the target fraction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from phantoms import optics
+from phantoms.phases import Phase
+from twin.errors import ScenarioError
+
+N_FACET_CANDIDATES = 16  # nearest seeds whose bisector planes bound a cell
+RSA_PACKING = 0.30  # sphere packing fraction of the seeds (random sequential addition reaches ~0.38)
+SHAPE_NOISE = 0.10  # relative amplitude of the smooth surface perturbation of the gauge
+CHUNK_VOXELS = 1 << 21  # voxels per processing chunk: bounds memory on paper-size volumes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Volume fractions of the electrode from the slurry recipe, loading and densities (seed Note 1).
+
+    Attributes
+    ----------
+    coating_density_g_cm3
+        Areal loading / thickness.
+    si, cbd_solid, cbd_domain, pore
+        Volume fractions of the electrode layer; the CBD domain includes its nanopores.
+    """
+
+    coating_density_g_cm3: float
+    si: float
+    cbd_solid: float
+    cbd_domain: float
+    pore: float
+
+
+def recipe_fractions(sample) -> Recipe:
+    """Volume fractions from ``sample`` (mass fractions, areal loading, thickness, CBD nanoporosity).
+
+    φ_Si = w_Si ρ_coat / ρ_Si, φ_CBD,solid = ρ_coat Σ w_k / ρ_k (binder, carbon
+    black, SWCNT), φ_CBD,domain = φ_CBD,solid / (1 − p_CBD),
+    ρ_coat = loading / thickness.
+
+    Raises
+    ------
+    ScenarioError
+        When Si and CBD do not fit in the layer (loading too high for the thickness).
+    """
+    rho = sample.areal_loading_mg_cm2 * 1e-3 / (sample.electrode_thickness_um * 1e-4)
+    si = sample.si_mass_fraction * rho / optics.RHO_C_SI
+    solid = rho * (sample.binder_mass_fraction / optics.RHO_PAA + sample.carbon_black_mass_fraction / optics.RHO_CARBON_BLACK
+                   + sample.swcnt_mass_fraction / optics.RHO_SWCNT)
+    domain = solid / (1.0 - sample.cbd_nanoporosity)
+    if si + domain >= 0.95:
+        raise ScenarioError(
+            f"sample.areal_loading_mg_cm2: {sample.areal_loading_mg_cm2} mg/cm² on sample.electrode_thickness_um = "
+            f"{sample.electrode_thickness_um} µm gives Si {si:.2f} + CBD {domain:.2f} of the volume (CBD nanoporosity "
+            f"{sample.cbd_nanoporosity}); they must leave >= 5 % pores")
+    return Recipe(rho, si, solid, domain, 1.0 - si - domain)
+
+
+@dataclass
+class Microstructure:
+    """The pristine electrode on the voxel grid (z, y, x); z = 0 at the bottom of the Cu foil.
+
+    Attributes
+    ----------
+    phase
+        uint8 :class:`~phantoms.phases.Phase` labels (T0: crystalline Si, no SEI).
+    particle
+        int32 instance labels, 0 = none; cracked particles keep one label for their fragments.
+    cbd_porosity
+        float32 local electrolyte fraction inside CBD voxels (0 elsewhere): the CBD texture.
+    surface_distance
+        float32 distance of each Si voxel to its particle's surface (cracks included), voxels.
+    band_distance
+        float32 distance of each Si voxel to its particle's nearest lithiation band plane, voxels.
+    particles
+        One row per particle: id, centre (voxels and µm), volume, equivalent diameter, depth
+        below the electrode top, cracked, fragment.
+    voxel_size_um, z_cu, z_top
+        Voxel edge and the first voxel layer of the electrode / of the separator.
+    recipe
+        Target volume fractions.
+    """
+
+    phase: np.ndarray
+    particle: np.ndarray
+    cbd_porosity: np.ndarray
+    surface_distance: np.ndarray
+    band_distance: np.ndarray
+    particles: pd.DataFrame
+    voxel_size_um: float
+    z_cu: int
+    z_top: int
+    recipe: Recipe
+    bands: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def smooth_noise(shape, sigma_vox: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-filtered white noise scaled to unit standard deviation (float32)."""
+    n = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), max(sigma_vox, 0.5), mode="wrap")
+    return n / max(float(n.std()), 1e-12)
+
+
+def _pack_seeds(diam_vox: np.ndarray, box_lo: np.ndarray, box_hi: np.ndarray, scale: float,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random sequential addition of non-overlapping spheres of radius scale·d/2, largest first.
+
+    A sphere that finds no room in 200 tries is dropped (its volume is recovered
+    by the quantile on the gauge). Returns centres (n, 3) and radii (n,), voxels.
+    """
+    order = np.argsort(diam_vox)[::-1]
+    centres, radii = [], []
+    for i in order:
+        r = scale * diam_vox[i] / 2
+        lo, hi = box_lo.copy(), box_hi.copy()
+        lo[0] += r
+        hi[0] -= r
+        if hi[0] <= lo[0]:
+            continue
+        cand = lo + rng.random((200, 3)) * (hi - lo)
+        if centres:
+            c, rr = np.asarray(centres), np.asarray(radii)
+            d = np.linalg.norm(cand[:, None, :] - c[None], axis=2) - rr[None] - r
+            ok = np.flatnonzero((d >= 0).all(axis=1))
+        else:
+            ok = np.array([0])
+        if ok.size:
+            centres.append(cand[ok[0]])
+            radii.append(r)
+    return np.asarray(centres), np.asarray(radii)
+
+
+def _facets(seeds: np.ndarray, weights: np.ndarray, z_lo: float, z_hi: float) -> np.ndarray:
+    """Per seed, the rows n_ij / h_ij of its candidate facet planes (K seeds + bottom + top), shape (n, K+2, 3)."""
+    k = min(N_FACET_CANDIDATES, len(seeds) - 1)
+    rows = np.zeros((len(seeds), k + 2, 3))
+    if k > 0:
+        _, nn = cKDTree(seeds).query(seeds, k=k + 1)
+        d = seeds[nn[:, 1:]] - seeds[:, None, :]
+        dist = np.linalg.norm(d, axis=2)
+        h = (dist**2 - weights[nn[:, 1:]] + weights[:, None]) / (2 * dist)
+        # A seed inside its neighbour's sphere would give h <= 0: impossible for a packing, guarded anyway.
+        rows[:, :k] = d / dist[..., None] / np.maximum(h, 1e-6)[..., None]
+    rows[:, k, 0] = -1.0 / (seeds[:, 0] - z_lo)  # the Cu plane z = z_lo
+    rows[:, k + 1, 0] = 1.0 / (z_hi - seeds[:, 0])  # the top plane z = z_hi
+    return rows
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q *= np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+_111 = np.array([[1, 1, 1], [1, -1, 1], [1, 1, -1], [-1, 1, 1]]) / np.sqrt(3)
+
+
+def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
+    """Build the pristine electrode of a scenario's ``sample`` section.
+
+    Parameters
+    ----------
+    sample
+        :class:`twin.scenario.Sample` (sizes in µm, recipe, size distribution, cracks, CBD porosity).
+    rng
+        The only source of randomness (a stage passes ``ctx.rng``).
+
+    Returns
+    -------
+    Microstructure
+
+    Notes
+    -----
+    Steps: (1) volume fractions from the recipe (:func:`recipe_fractions`);
+    (2) lognormal diameters D ~ LN(ln D50, σ) until their volume fills the Si
+    target, packed as spheres of D·(0.30/φ_Si)^(1/3); (3) Laguerre cells with
+    weights r², gauge g mixed per particle with the rounded gauge |y|/h_min
+    (share β ~ U(0, 0.6)) and perturbed by smooth noise; particle = {g' < k},
+    k the quantile that gives φ_Si − φ_fragments; (4) cracks: a wavy planar gap
+    through the centre of a fraction of particles, with probability ∝
+    exp(−depth / (thickness/4)) (calendering damages the top, Fig S16);
+    (5) small irregular Si fragments in the widest pores; (6) CBD: the pore
+    voxels where smoothed Si density is highest (necks, contacts), plus
+    agglomerate noise, up to the recipe's CBD fraction, with a local
+    nanoporosity field; (7) lithiation band planes along {111} of a random
+    crystal orientation per particle (for the pathway mechanism).
+    """
+    a = sample.voxel_size_um
+    nz = round((sample.current_collector_thickness_um + sample.electrode_thickness_um + sample.headroom_um) / a)
+    n_lat = round(sample.lateral_size_um / a)
+    shape = (nz, n_lat, n_lat)
+    z_cu = round(sample.current_collector_thickness_um / a)
+    z_top = min(nz, z_cu + round(sample.electrode_thickness_um / a))
+    recipe = recipe_fractions(sample)
+    target_big = recipe.si - sample.fragment_volume_fraction
+    if target_big <= 0.05:
+        raise ScenarioError(f"sample.fragment_volume_fraction: {sample.fragment_volume_fraction} leaves almost no large "
+                            f"particles of the Si fraction {recipe.si:.3f}")
+
+    # (2) sizes and seeds, in an extended lateral box so the field of view is statistically homogeneous
+    d50 = sample.particle_median_diameter_um / a
+    margin = d50
+    lo = np.array([z_cu, -margin, -margin], float)
+    hi = np.array([z_top, n_lat + margin, n_lat + margin], float)
+    v_box = float(np.prod(hi - lo))
+    diam = []
+    vol = 0.0
+    while vol < target_big * v_box:
+        d = d50 * np.exp(sample.particle_diameter_log_sigma * rng.standard_normal())
+        d = min(d, 0.95 * (z_top - z_cu))
+        diam.append(d)
+        vol += np.pi / 6 * d**3
+    scale = (RSA_PACKING / target_big) ** (1 / 3)
+    seeds, radii = _pack_seeds(np.asarray(diam), lo, hi, scale, rng)
+    weights = radii**2
+    facets = _facets(seeds, weights, z_cu - 0.5, z_top - 0.5)
+    h_min = 1.0 / np.abs(np.linalg.norm(facets, axis=2)).max(axis=1)
+    roundness = rng.uniform(0.0, 0.6, len(seeds))
+
+    # (3) power cells and gauges, slab by slab
+    lifted = np.column_stack([seeds, np.sqrt(weights.max() - weights)])
+    tree = cKDTree(lifted)
+    ez = z_top - z_cu
+    cell = np.zeros((ez, n_lat, n_lat), np.int32)
+    gauge = np.zeros((ez, n_lat, n_lat), np.float32)
+    shape_noise = smooth_noise((ez, n_lat, n_lat), 0.12 * d50, rng)
+    yy, xx = np.meshgrid(np.arange(n_lat, dtype=float), np.arange(n_lat, dtype=float), indexing="ij")
+    slab = max(1, CHUNK_VOXELS // (n_lat * n_lat))
+    for z0 in range(0, ez, slab):
+        z1 = min(ez, z0 + slab)
+        zz = np.arange(z0, z1, dtype=float)[:, None, None] + z_cu + 0 * yy
+        pts = np.column_stack([zz.ravel(), np.broadcast_to(yy, zz.shape).ravel(), np.broadcast_to(xx, zz.shape).ravel()])
+        _, lab = tree.query(np.column_stack([pts, np.zeros(len(pts))]))
+        y = pts - seeds[lab]
+        g_facet = np.einsum("nkj,nj->nk", facets[lab], y).max(axis=1)
+        g_round = np.linalg.norm(y, axis=1) / h_min[lab]
+        beta = roundness[lab]
+        g = ((1 - beta) * g_facet + beta * g_round) * (1 + SHAPE_NOISE * shape_noise[z0:z1].ravel())
+        cell[z0:z1] = (lab + 1).reshape(zz.shape)
+        gauge[z0:z1] = g.reshape(zz.shape)
+    k = np.quantile(gauge, target_big)
+    labels = np.where(gauge < k, cell, 0)
+    del gauge, cell, shape_noise
+    # keep the largest connected piece of each particle: noise can split off specks
+    labels = _relabel(labels)
+
+    particle = np.zeros(shape, np.int32)
+    particle[z_cu:z_top] = labels
+    del labels
+
+    # (4) cracks near the top (Fig S16)
+    objs = ndimage.find_objects(particle)
+    ids = [i + 1 for i, s in enumerate(objs) if s is not None]
+    centres = np.array(ndimage.center_of_mass(particle > 0, particle, ids)) if ids else np.zeros((0, 3))
+    depth_vox = (z_top - 0.5) - centres[:, 0]
+    p_crack = np.exp(-depth_vox / ((z_top - z_cu) / 4))
+    p_crack *= sample.cracked_particle_fraction * len(ids) / max(p_crack.sum(), 1e-12)
+    cracked = rng.random(len(ids)) < np.clip(p_crack, 0, 1)
+    half_width = max(0.5, 0.075 / a)  # at least one voxel layer wide; 150 nm otherwise
+    for pid, c, is_cracked in zip(ids, centres, cracked):
+        if not is_cracked:
+            continue
+        sl = objs[pid - 1]
+        sub = particle[sl]
+        n = rng.standard_normal(3)
+        n /= np.linalg.norm(n)
+        grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in sl], indexing="ij"), -1).astype(float)
+        dist = np.abs((grid - c) @ n + rng.normal(0, 0.1 * d50 / 2))
+        wav = 0.4 * np.sin((grid @ _random_rotation(rng)[0]) / max(1.0, 0.15 * d50))
+        sub[(sub == pid) & (dist + wav < half_width)] = 0
+
+    # (5) fragments in the widest pores
+    pore = np.zeros(shape, bool)
+    pore[z_cu:z_top] = particle[z_cu:z_top] == 0
+    room = ndimage.distance_transform_edt(pore)
+    # Fragments also make up for the Si that cracks and dropped specks removed, so the total Si matches the recipe.
+    n_frag_target = recipe.si * (z_top - z_cu) * n_lat * n_lat - np.count_nonzero(particle)
+    fragment_ids = []
+    if n_frag_target > 0:
+        r_lo, r_hi = max(0.6, 0.25 / a), max(0.6, 0.6 / a)
+        mean_vol = 4 / 3 * np.pi * ((r_lo + r_hi) / 2) ** 3
+        n_cand = int(30 * n_frag_target / mean_vol) + 16
+        cand = np.column_stack([rng.uniform(z_cu, z_top - 1, n_cand), rng.uniform(0, n_lat - 1, (n_cand, 2))])
+        r_cand = rng.uniform(r_lo, r_hi, n_cand)
+        ok = room[tuple(np.round(cand).astype(int).T)] >= r_cand + 0.5
+        cand, r_cand = cand[ok], r_cand[ok]
+        # drop every candidate that would touch an earlier one (earlier ones win; no sequential pass needed)
+        keep = np.ones(len(cand), bool)
+        if len(cand) > 1:
+            pairs = cKDTree(cand).query_pairs(2 * r_hi + 1.0, output_type="ndarray")
+            close = np.linalg.norm(cand[pairs[:, 0]] - cand[pairs[:, 1]], axis=1) < r_cand[pairs[:, 0]] + r_cand[pairs[:, 1]] + 1.0
+            keep[pairs[close].max(axis=1)] = False
+        cand, r_cand = cand[keep], r_cand[keep]
+        markers = np.ones(shape, bool)
+        markers[tuple(np.round(cand).astype(int).T)] = False
+        dist, idx = ndimage.distance_transform_edt(markers, return_indices=True)
+        owner = np.full(shape, -1, np.int64)
+        owner[tuple(np.round(cand).astype(int).T)] = np.arange(len(cand))
+        owner = owner[tuple(idx)]
+        del idx
+        frag_noise = smooth_noise(shape, 0.7, rng)
+        inside = pore & (owner >= 0) & (dist <= r_cand[owner.clip(0)] * (1 + 0.25 * frag_noise))
+        # take fragments in their random order until their voxels reach the target
+        counts = np.bincount(owner[inside], minlength=len(cand))
+        n_take = min(len(cand), int(np.searchsorted(np.cumsum(counts), n_frag_target)) + 1)
+        inside &= owner < n_take
+        cand = cand[:n_take]
+        first = int(particle.max()) + 1
+        particle[inside] = first + owner[inside]
+        fragment_ids = list(range(first, first + len(cand)))
+        del dist, owner, frag_noise, inside
+
+    # (6) CBD at necks and contacts
+    si = particle > 0
+    neck = ndimage.gaussian_filter(si.astype(np.float32), 0.18 * d50)
+    agglomerate = smooth_noise(shape, max(0.5, 0.4 / a), rng)
+    score = neck + 0.12 * agglomerate
+    pore = np.zeros(shape, bool)
+    pore[z_cu:z_top] = ~si[z_cu:z_top]
+    n_cbd = int(round(recipe.cbd_domain * (z_top - z_cu) * n_lat * n_lat))
+    pore_scores = score[pore]
+    n_cbd = min(n_cbd, pore_scores.size)
+    cbd = np.zeros(shape, bool)
+    if n_cbd > 0:
+        thresh = np.partition(pore_scores, pore_scores.size - n_cbd)[pore_scores.size - n_cbd]
+        cbd = pore & (score >= thresh)
+    del neck, score, pore_scores
+    fine = smooth_noise(shape, 0.6, rng)
+    cbd_porosity = np.where(cbd, np.clip(sample.cbd_nanoporosity + 0.15 * fine, 0.02, 0.98), 0).astype(np.float32)
+    del fine
+
+    phase = np.full(shape, Phase.ELECTROLYTE, np.uint8)
+    phase[:z_cu] = Phase.COPPER
+    phase[z_top:] = Phase.SEPARATOR
+    phase[cbd] = Phase.CBD
+    phase[si] = Phase.SI_CRYSTALLINE
+
+    # (7) per-particle distances: to its own surface, and to its lithiation bands
+    band = np.zeros(shape, np.float32)
+    objs = ndimage.find_objects(particle)
+    rows, bands = [], {}
+    band_noise = smooth_noise(shape, 0.8, rng)
+    # Distance to the own surface: one EDT in which contacts between different particles count as surface.
+    contact = np.zeros(shape, bool)
+    for ax in range(3):
+        for sh in (1, -1):
+            nb = np.roll(particle, sh, axis=ax)
+            contact |= (nb != particle) & (nb > 0) & (particle > 0)
+    surface = ndimage.distance_transform_edt((particle > 0) & ~contact).astype(np.float32)
+    surface[contact] = 0.5
+    del contact
+    for pid0, sl in enumerate(objs):
+        if sl is None:
+            continue
+        pid = pid0 + 1
+        sl = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(sl, shape))
+        own = particle[sl] == pid
+        grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in sl], indexing="ij"), -1).astype(float)
+        pts = grid[own]
+        c = pts.mean(axis=0)
+        nvox = len(pts)
+        r_eq = (3 * nvox / (4 * np.pi)) ** (1 / 3)
+        rot = _random_rotation(rng)
+        families = rng.choice(4, size=rng.integers(2, 4), replace=False)
+        planes = []
+        for f in families:
+            nrm = rot @ _111[f]
+            n_par = 1 + int(r_eq // max(2.0, 1.5 / a))  # one more band per 1.5 µm of radius
+            offsets = (np.arange(n_par) - (n_par - 1) / 2) * (2 * r_eq / (n_par + 1)) + rng.normal(0, 0.2 * r_eq)
+            planes += [(nrm, c + o * nrm) for o in offsets]
+        normals = np.array([p[0] for p in planes])
+        points = np.array([p[1] for p in planes])
+        dist = np.abs(np.einsum("pk,bk->pb", pts, normals) - np.einsum("bk,bk->b", points, normals)[None]).min(axis=1)
+        band[sl][own] = (dist + 0.5 * band_noise[sl][own]).clip(0)
+        bands[pid] = np.column_stack([normals, points])
+        depth_um = (z_top - 0.5 - c[0]) * a
+        rows.append({"id": pid, "z_vox": c[0], "y_vox": c[1], "x_vox": c[2], "z_um": c[0] * a, "y_um": c[1] * a,
+                     "x_um": c[2] * a, "volume_vox": nvox, "equivalent_diameter_um": 2 * r_eq * a,
+                     "depth_um": depth_um, "cracked": False, "fragment": pid in set(fragment_ids)})
+    table = pd.DataFrame(rows)
+    if len(table):
+        cracked_ids = {pid for pid, cr in zip(ids, cracked) if cr}
+        table["cracked"] = table["id"].isin(cracked_ids)
+    return Microstructure(phase, particle, cbd_porosity, surface, band, table, a, z_cu, z_top, recipe, bands)
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Keep each label's largest 6-connected component and number labels 1..n in order of first appearance."""
+    out = np.zeros_like(labels)
+    objs = ndimage.find_objects(labels)
+    n = 0
+    for i, sl in enumerate(objs):
+        if sl is None:
+            continue
+        own = labels[sl] == i + 1
+        comp, nc = ndimage.label(own)
+        if nc > 1:
+            sizes = np.bincount(comp.ravel())[1:]
+            own = comp == 1 + int(np.argmax(sizes))
+        if own.sum() < 8:
+            continue
+        n += 1
+        out[sl][own] = n
+    return out

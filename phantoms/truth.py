@@ -1,0 +1,468 @@
+"""Per-scan truth: lithiation state, optical constants and the warped volumes; the two stage functions.
+
+Stages (wired by :mod:`twin.stages`):
+
+* ``microstructure`` (once) → ``microstructure.nc``, ``particles.csv``.
+* ``truth`` (per scan; needs ``microstructure`` and ``rehearsal``/lithiation.nc)
+  → ``phantom.nc``, ``particles.csv``, ``deformation.json`` (the analytic field:
+  :func:`phantoms.deformation.load_deformation`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy import ndimage
+
+from phantoms import optics
+from phantoms.deformation import Deformation, FoldingError
+from phantoms.lithiation import lithiate
+from phantoms.microstructure import Microstructure, Recipe, generate_microstructure
+from phantoms.phases import Phase
+from twin.errors import InputFileError
+from twin.io import NETCDF_ENGINE, atomic_path, write_netcdf
+from twin.warnings import TwinWarning
+
+MIN_KERNEL_RADIUS_VOX = 3.0  # particles with a smaller equivalent radius get no swelling kernel
+BUBBLE_GROWTH = 1.5  # a gas bubble's radius grows by this factor from its reference seed region
+SWELLING_DAMPING = 0.7  # factor on the particle kernels' amplitudes per retry after a fold
+SWELLING_RETRIES = 6
+
+
+# --- microstructure persistence ----------------------------------------------------------
+def microstructure_dataset(ms: Microstructure) -> xr.Dataset:
+    """The pristine microstructure as a Dataset (what ``microstructure.nc`` holds)."""
+    dims = ("z", "y", "x")
+    ds = xr.Dataset(
+        {"phase": (dims, ms.phase), "particle": (dims, ms.particle), "cbd_porosity": (dims, ms.cbd_porosity),
+         "surface_distance": (dims, ms.surface_distance, {"units": "voxel"}),
+         "band_distance": (dims, ms.band_distance, {"units": "voxel"})},
+        coords=_coords(ms.phase.shape, ms.voxel_size_um))
+    ds.attrs.update({"voxel_size_um": ms.voxel_size_um, "z_cu": ms.z_cu, "z_top": ms.z_top,
+                     **{f"recipe_{k}": v for k, v in vars(ms.recipe).items()}})
+    return ds
+
+
+def load_microstructure(directory: str | Path) -> Microstructure:
+    """Read ``microstructure.nc`` and ``particles.csv`` written by :func:`compute_microstructure`."""
+    directory = Path(directory)
+    path = directory / "microstructure.nc"
+    try:
+        with xr.open_dataset(path, engine=NETCDF_ENGINE) as ds:
+            ds = ds.load()
+        table = pd.read_csv(directory / "particles.csv")
+    except (OSError, ValueError) as exc:
+        raise InputFileError(path, f"cannot read the microstructure ({exc})") from None
+    recipe = Recipe(**{k[len("recipe_"):]: float(v) for k, v in ds.attrs.items() if k.startswith("recipe_")})
+    return Microstructure(ds.phase.values, ds.particle.values, ds.cbd_porosity.values, ds.surface_distance.values,
+                          ds.band_distance.values, table, float(ds.attrs["voxel_size_um"]), int(ds.attrs["z_cu"]),
+                          int(ds.attrs["z_top"]), recipe)
+
+
+def _coords(shape, a):
+    return {"z": ("z", np.arange(shape[0]) * a, {"units": "µm"}), "y": ("y", np.arange(shape[1]) * a, {"units": "µm"}),
+            "x": ("x", np.arange(shape[2]) * a, {"units": "µm"})}
+
+
+# --- lithiation per particle ---------------------------------------------------------------
+def particle_fractions(lithiation: xr.DataArray, scan: str, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """f and f_max (over the scans up to ``scan``) of each particle, from the rehearsal's lithiated_fraction.
+
+    Parameters
+    ----------
+    lithiation
+        DataArray (scan, depth_um, radius_um) of the contract, values in [0, 1].
+    scan
+        Scan name (a value of the scan coordinate).
+    table
+        Particles with ``depth_um`` and ``equivalent_diameter_um``.
+
+    Notes
+    -----
+    Bilinear interpolation in depth and radius; outside the tabulated ranges the
+    nearest edge value is used.
+    """
+    names = [str(s) for s in lithiation["scan"].values]
+    if scan not in names:
+        raise InputFileError("lithiation.nc", f"scan {scan!r} not in its scan coordinate {names}")
+    i = names.index(scan)
+    hist = lithiation.isel(scan=slice(0, i + 1))
+    depth = np.asarray(table["depth_um"], float)
+    radius = np.asarray(table["equivalent_diameter_um"], float) / 2
+    values = []
+    for k in range(i + 1):
+        da = hist.isel(scan=k)
+        for dim, q in (("depth_um", depth), ("radius_um", radius)):
+            coord = da[dim].values
+            if coord.size == 1:
+                da = da.isel({dim: 0}).expand_dims({dim: 1})
+        grid_d, grid_r = da["depth_um"].values, da["radius_um"].values
+        v = da.values
+        vals = _bilinear(grid_d, grid_r, v, depth, radius)
+        values.append(np.clip(vals, 0.0, 1.0))
+    values = np.asarray(values)
+    return values[-1], values.max(axis=0)
+
+
+def _bilinear(gd, gr, v, d, r):
+    """Bilinear interpolation on a (possibly 1-point) rectilinear grid, clamped at its edges."""
+    def weights(g, q):
+        if g.size == 1:
+            return np.zeros(q.size, int), np.zeros(q.size, int), np.zeros(q.size)
+        q = np.clip(q, g[0], g[-1])
+        j = np.clip(np.searchsorted(g, q) - 1, 0, g.size - 2)
+        return j, j + 1, (q - g[j]) / (g[j + 1] - g[j])
+    i0, i1, s = weights(gd, d)
+    j0, j1, t = weights(gr, r)
+    return ((1 - s) * (1 - t) * v[i0, j0] + s * (1 - t) * v[i1, j0] + (1 - s) * t * v[i0, j1] + s * t * v[i1, j1])
+
+
+# --- the state of one scan in the reference configuration ---------------------------------
+def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndarray, max_fractions: np.ndarray,
+               *, bubble: bool = False) -> dict:
+    """Reference-configuration volumes of one scan: phase, lithiation x, δ, β, and per-particle volume ratio.
+
+    Parameters
+    ----------
+    ms
+        The pristine microstructure.
+    sample
+        :class:`twin.scenario.Sample` (mechanism, front width, SEI thickness, expansion, CBD recipe).
+    energy_kev
+        Photon energy, keV.
+    fractions, max_fractions
+        f and f_max per row of ``ms.particles``.
+    bubble
+        Put a gas bubble in the electrode's largest pore (Fig S13).
+
+    Returns
+    -------
+    dict with ``phase`` (uint8), ``lithiation`` (float32 x), ``delta``, ``beta`` (float32),
+    ``volume_ratio`` (J per particle, rows of ``ms.particles``), ``measured_fraction`` (mean x / 3.75
+    per particle), ``bubble`` (centre, seed radius in voxels) or None.
+    """
+    a = ms.voxel_size_um
+    ids = np.asarray(ms.particles["id"], int)
+    key = ms.surface_distance if sample.mechanism == "core_shell" else ms.band_distance
+    f = dict(zip(ids, fractions))
+    fmax = dict(zip(ids, max_fractions))
+    x, si_phase = lithiate(ms.particle, key, f, fmax, sample.front_width_um / a)
+    phase = ms.phase.copy()
+    si = ms.particle > 0
+    phase[si] = si_phase[si]
+
+    oc = optics.optical_constants(energy_kev, binder=sample.binder_mass_fraction,
+                                  carbon_black=sample.carbon_black_mass_fraction, swcnt=sample.swcnt_mass_fraction,
+                                  cbd_nanoporosity=sample.cbd_nanoporosity, expansion=sample.lithiated_volume_expansion)
+    lut_d = np.array([oc.phase_delta.get(Phase(p), 0.0) for p in range(len(Phase))], np.float32)
+    lut_b = np.array([oc.phase_beta.get(Phase(p), 0.0) for p in range(len(Phase))], np.float32)
+
+    # SEI around particles that have been lithiated at least once (Fig S14)
+    lith_ids = ids[max_fractions > 0]
+    sei_partial = None
+    if sample.sei_thickness_um > 0 and lith_ids.size:
+        grown = np.isin(ms.particle, lith_ids)
+        d = ndimage.distance_transform_edt(~grown)
+        layers = sample.sei_thickness_um / a
+        host = (phase == Phase.ELECTROLYTE) | (phase == Phase.CBD)
+        if layers >= 0.5:
+            phase[host & (d <= layers)] = Phase.SEI
+        else:  # thinner than half a voxel: its partial volume enters δ, β of the adjacent voxels
+            sei_partial = host & (d <= 1.0)
+
+    bubble_info = None
+    if bubble:
+        pores = np.zeros(ms.phase.shape, bool)
+        pores[ms.z_cu:ms.z_top] = ~si[ms.z_cu:ms.z_top]
+        room = ndimage.distance_transform_edt(pores)
+        centre = np.array(np.unravel_index(np.argmax(room), room.shape), float)
+        r0 = sample.gas_bubble_radius_um / a / BUBBLE_GROWTH
+        grid = np.indices(phase.shape, sparse=True)
+        inside = sum((g - c) ** 2 for g, c in zip(grid, centre)) <= r0**2
+        phase[inside & ~si] = Phase.GAS
+        bubble_info = (centre, max(r0, 0.5))
+
+    delta = lut_d[phase]
+    beta = lut_b[phase]
+    cbd = phase == Phase.CBD
+    p = ms.cbd_porosity[cbd]
+    el_d, el_b = oc.phase_delta[Phase.ELECTROLYTE], oc.phase_beta[Phase.ELECTROLYTE]
+    delta[cbd] = (1 - p) * oc.cbd_solid_delta + p * el_d
+    beta[cbd] = (1 - p) * oc.cbd_solid_beta + p * el_b
+    sx = x[si]
+    dl, bl = oc.lixsi(sx)
+    d0, b0 = oc.lixsi(np.zeros(1))
+    crystalline = phase[si] == Phase.SI_CRYSTALLINE
+    delta[si] = np.where(crystalline, oc.phase_delta[Phase.SI_CRYSTALLINE] + (dl - d0[0]), dl)
+    beta[si] = np.where(crystalline, oc.phase_beta[Phase.SI_CRYSTALLINE] + (bl - b0[0]), bl)
+    if sei_partial is not None:
+        w = np.float32(sample.sei_thickness_um / a)
+        delta[sei_partial] = (1 - w) * delta[sei_partial] + w * oc.phase_delta[Phase.SEI]
+        beta[sei_partial] = (1 - w) * beta[sei_partial] + w * oc.phase_beta[Phase.SEI]
+
+    # per-particle volume ratio J = mean Ω(x)/Ω_c (crystalline voxels: 1)
+    J_vox = np.where(phase[si] == Phase.SI_CRYSTALLINE, 1.0 + optics.lixsi_volume_ratio(sx, expansion=sample.lithiated_volume_expansion)
+                     - optics.lixsi_volume_ratio(0.0, expansion=sample.lithiated_volume_expansion),
+                     optics.lixsi_volume_ratio(sx, expansion=sample.lithiated_volume_expansion))
+    labels = ms.particle[si]
+    counts = np.bincount(labels, minlength=ids.max() + 1 if ids.size else 1)
+    J = np.bincount(labels, weights=J_vox, minlength=counts.size)[ids] / np.maximum(counts[ids], 1)
+    measured = np.bincount(labels, weights=sx / optics.X_FULL, minlength=counts.size)[ids] / np.maximum(counts[ids], 1)
+    return {"phase": phase, "lithiation": x, "delta": delta.astype(np.float32), "beta": beta.astype(np.float32),
+            "volume_ratio": J, "measured_fraction": measured, "bubble": bubble_info,
+            "swelling_density": _swelling_profile(ms, labels, J_vox)}
+
+
+def _swelling_profile(ms: Microstructure, labels, J_vox) -> np.ndarray:
+    """Slab mean of (J − 1) over Si at each z: the electrode's swelling per unit volume along z."""
+    si = ms.particle > 0
+    zs = np.nonzero(si)[0]
+    per_z = np.bincount(zs, weights=J_vox - 1.0, minlength=ms.phase.shape[0])
+    return per_z / (ms.phase.shape[1] * ms.phase.shape[2])
+
+
+# --- deformation -----------------------------------------------------------------------------
+def build_deformation(ms: Microstructure, sample, state: dict, *, prescribed: bool,
+                      swelling_scale: float = 1.0) -> Deformation:
+    """The scan's φ from the particles' swelling, the electrode's axial response and prescribed fields.
+
+    Parameters
+    ----------
+    ms, sample
+        Microstructure and :class:`twin.scenario.Sample`.
+    state
+        :func:`scan_state` output (volume ratios, swelling profile, bubble).
+    prescribed
+        Include the scenario's prescribed fields (every scan after T0).
+    swelling_scale
+        Factor on the particles' kernel amplitudes (< 1 only after a fold, see :func:`truth_for_scan`).
+
+    Notes
+    -----
+    Axial stretch λ(z) = 1 + α·s(z) (+ g (z − z_cu) a if prescribed), with s the slab
+    swelling profile smoothed by a Gaussian of half the median particle radius. Each
+    particle's swelling kernel then carries the rest of its volume ratio,
+    (1 + a)³ = J / λ(z_c), so the material of a particle's equivalent sphere ends
+    with volume ratio J (an unlithiated particle stays rigid while the electrode stretches).
+    """
+    a = ms.voxel_size_um
+    nz = ms.phase.shape[0]
+    table = ms.particles
+    big = ~np.asarray(table["fragment"], bool)
+    r_med = float(np.median(table["equivalent_diameter_um"][big])) / 2 / a if big.any() else 2.0
+    lam = 1.0 + sample.axial_accommodation_fraction * ndimage.gaussian_filter1d(
+        state["swelling_density"], max(0.5, r_med / 2), mode="constant")
+    lam[:ms.z_cu] = 1.0  # the Cu foil does not stretch
+    if prescribed and sample.prescribed_axial_strain_gradient_per_um:
+        z_um = (np.arange(nz) - ms.z_cu) * a
+        lam = lam + sample.prescribed_axial_strain_gradient_per_um * np.clip(z_um, 0, None)
+    centres = table[["z_vox", "y_vox", "x_vox"]].to_numpy(float)
+    radii = np.asarray(table["equivalent_diameter_um"], float) / 2 / a
+    J = np.asarray(state["volume_ratio"], float)
+    amp = np.cbrt(J / np.interp(centres[:, 0], np.arange(nz), lam)) - 1.0
+    # Kernels of particles under MIN_KERNEL_RADIUS_VOX (fragments) would move material by < a·R, a fraction of a
+    # voxel, at a large cost; their swelling still enters the axial response through the swelling profile.
+    amp = amp * swelling_scale
+    keep = (np.abs(amp) > 1e-9) & (radii >= MIN_KERNEL_RADIUS_VOX)
+    centres, radii, amp = centres[keep], radii[keep], amp[keep]
+    if state.get("bubble") is not None:
+        c, r0 = state["bubble"]
+        centres = np.vstack([centres, c])
+        radii = np.append(radii, r0)
+        amp = np.append(amp, BUBBLE_GROWTH - 1.0)
+    bumps = np.asarray(sample.prescribed_bumps if prescribed else [], float).reshape(-1, 7)
+    F_h = np.asarray(sample.prescribed_deformation_gradient, float) if prescribed and sample.prescribed_deformation_gradient else np.eye(3)
+    return Deformation(ms.phase.shape, a, swell_centre=centres, swell_radius=radii, swell_amplitude=amp,
+                       bump_centre=bumps[:, :3] / a, bump_radius=bumps[:, 3] / a, bump_vector=bumps[:, 4:] / a,
+                       axial_stretch=lam, homogeneous_F=F_h, rigid_below_z=ms.z_cu - 0.5,
+                       rigid_ramp_vox=_rigid_ramp(radii, amp, bumps[:, 4:] / a))
+
+
+def _rigid_ramp(radii: np.ndarray, amp: np.ndarray, bump_vectors: np.ndarray) -> float:
+    """Width of the mask that keeps the Cu rigid, voxels: 2.5× the largest local displacement (a kernel moves
+    material by at most ~1.2 a R), so m′ |u| ≤ 1.875 / 2.5 < 1 and the ramp itself cannot fold the map."""
+    largest = max(float(np.max(np.abs(amp) * radii * 1.2, initial=0.0)),
+                  float(np.max(np.linalg.norm(bump_vectors, axis=1), initial=0.0)))
+    return max(3.0, 2.5 * largest)
+
+
+# --- the scan's dataset ------------------------------------------------------------------------
+def truth_for_scan(ms: Microstructure, sample, energy_kev: float, fractions, max_fractions, *, scan: str,
+                   scan_index: int, seed: int) -> tuple[xr.Dataset, pd.DataFrame, Deformation]:
+    """Everything ``truth`` writes for one scan: the Dataset, the particle table and the deformation.
+
+    Parameters
+    ----------
+    ms
+        Pristine microstructure.
+    sample
+        :class:`twin.scenario.Sample`.
+    energy_kev
+        Photon energy, keV.
+    fractions, max_fractions
+        f and f_max per row of ``ms.particles`` (see :func:`particle_fractions`).
+    scan, scan_index
+        Scan name and its position (0 = pristine T0: no prescribed fields).
+    seed
+        Recorded in the attributes.
+
+    Raises
+    ------
+    phantoms.deformation.FoldingError
+        If the deformation folds anywhere (det F ≤ 0).
+    """
+    state = scan_state(ms, sample, energy_kev, np.asarray(fractions, float), np.asarray(max_fractions, float),
+                       bubble=scan in sample.gas_bubble_scans)
+    deformation = build_deformation(ms, sample, state, prescribed=scan_index > 0)
+    swelling_scale = 1.0
+    for attempt in range(SWELLING_RETRIES + 1):
+        try:
+            u = deformation.displacement_field(check=True)
+            break
+        except FoldingError:
+            # Superposed particle kernels can fold where several strongly swelling neighbours compress the same
+            # pore; a prescribed field is refused as is, the particles' local part is damped (the axial response
+            # keeps the swelling volume) and the truth stays exactly the field applied.
+            if attempt == SWELLING_RETRIES or not len(deformation.swell_amplitude):
+                raise
+            swelling_scale *= SWELLING_DAMPING
+            deformation = build_deformation(ms, sample, state, prescribed=scan_index > 0, swelling_scale=swelling_scale)
+    if swelling_scale < 1.0:
+        warnings.warn(f"truth {scan}: particle swelling kernels folded the map; their amplitudes were scaled by "
+                      f"{swelling_scale:.3g}", TwinWarning, stacklevel=2)
+    warped = deformation.warp({"phase": (state["phase"], 0), "particle": (ms.particle, 0),
+                               "lithiation": (state["lithiation"], 1), "delta": (state["delta"], 1),
+                               "beta": (state["beta"], 1)})
+    a = ms.voxel_size_um
+    dims = ("z", "y", "x")
+    ds = xr.Dataset(
+        {"phase": (dims, warped["phase"], {"description": "phantoms.phases.Phase: " + ", ".join(f"{p.value} {p.name}" for p in Phase)}),
+         "particle": (dims, warped["particle"], {"description": "particle instance label, 0 = none"}),
+         "lithiation": (dims, warped["lithiation"], {"description": "x in LixSi", "units": "1"}),
+         "delta": (dims, warped["delta"], {"description": "refractive index decrement δ", "units": "1"}),
+         "beta": (dims, warped["beta"], {"description": "absorption index β", "units": "1"}),
+         "displacement": (("component",) + dims, u,
+                          {"units": "voxel", "description": "Lagrangian displacement of the material point at this voxel "
+                           "of the pristine T0 volume when imaged at this scan (spam convention of a Φ T0 → scan); "
+                           "× voxel_size_um for µm"})},
+        coords={**_coords(ms.phase.shape, a), "component": ("component", ["z", "y", "x"])})
+    ds.attrs.update({"voxel_size_um": a, "energy_kev": energy_kev, "mechanism": sample.mechanism, "seed": int(seed),
+                     "scan": scan, "local_swelling_scale": swelling_scale, "z_cu_voxel": ms.z_cu, "z_top_voxel": ms.z_top})
+    table = ms.particles.copy()
+    table["lithiated_fraction"] = np.asarray(fractions, float)
+    table["max_lithiated_fraction"] = np.asarray(max_fractions, float)
+    table["measured_fraction"] = state["measured_fraction"]
+    table["volume_ratio"] = state["volume_ratio"]
+    table["mechanism"] = sample.mechanism
+    moved = deformation.map(table[["z_vox", "y_vox", "x_vox"]].to_numpy(float)) if len(table) else np.zeros((0, 3))
+    for k, ax in enumerate("zyx"):
+        table[f"{ax}_scan_um"] = moved[:, k] * a
+    return ds, table, deformation
+
+
+def pristine_phantom(scenario) -> tuple[xr.Dataset, pd.DataFrame, Microstructure]:
+    """The T0 phantom of a scenario without any rehearsal (``twin phantom SCENARIO`` with no ``--scan``).
+
+    The microstructure is drawn from the same random stream as the ``microstructure`` stage
+    (``run.seed``, stage name), so it is the very electrode that ``twin run`` images.
+    """
+    from twin.runner import node_seed_sequence
+
+    rng = np.random.default_rng(node_seed_sequence(scenario.run.seed, "microstructure", None))
+    ms = generate_microstructure(scenario.sample, rng)
+    zeros = np.zeros(len(ms.particles))
+    ds, table, _ = truth_for_scan(ms, scenario.sample, scenario.beamline.energy_kev, zeros, zeros, scan="T0",
+                                  scan_index=0, seed=scenario.run.seed)
+    return ds, table, ms
+
+
+# --- stages ---------------------------------------------------------------------------------
+def compute_microstructure(ctx) -> None:
+    """Stage ``microstructure`` (once): ``microstructure.nc`` and ``particles.csv`` into ``ctx.out_dir``.
+
+    Reads ``sample`` and ``beamline.energy_kev``; randomness from ``ctx.rng``.
+    """
+    ms = generate_microstructure(ctx.scenario.sample, ctx.rng)
+    ds = microstructure_dataset(ms)
+    ds.attrs.update({"energy_kev": ctx.scenario.beamline.energy_kev, "seed": ctx.scenario.run.seed})
+    write_netcdf(ds, Path(ctx.out_dir) / "microstructure.nc")
+    _write_csv(ms.particles, Path(ctx.out_dir) / "particles.csv")
+
+
+def compute_truth(ctx) -> None:
+    """Stage ``truth`` (per scan ``ctx.item``): ``phantom.nc``, ``particles.csv``, ``deformation.json``.
+
+    Inputs: ``ctx.input("microstructure")`` (microstructure.nc, particles.csv) and
+    ``ctx.input("rehearsal")`` / lithiation.nc (``lithiated_fraction`` (scan, depth_um, radius_um)).
+    """
+    ms = load_microstructure(ctx.input("microstructure"))
+    path = Path(ctx.input("rehearsal")) / "lithiation.nc"
+    try:
+        with xr.open_dataset(path, engine=NETCDF_ENGINE) as f:
+            lith = f["lithiated_fraction"].load()
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputFileError(path, f"cannot read lithiated_fraction ({exc})") from None
+    names = [str(s) for s in lith["scan"].values]
+    frac, fmax = particle_fractions(lith, ctx.item, ms.particles)
+    ds, table, deformation = truth_for_scan(ms, ctx.scenario.sample, ctx.scenario.beamline.energy_kev, frac, fmax,
+                                            scan=ctx.item, scan_index=names.index(ctx.item), seed=ctx.scenario.run.seed)
+    out = Path(ctx.out_dir)
+    write_netcdf(ds, out / "phantom.nc")
+    _write_csv(table, out / "particles.csv")
+    with atomic_path(out / "deformation.json") as tmp:
+        tmp.write_text(json.dumps(deformation.to_dict()))
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+# --- picture -----------------------------------------------------------------------------------
+def write_phantom_png(dataset: xr.Dataset, path: str | Path) -> Path:
+    """Orthogonal slices of ``phase``, ``lithiation`` and ``delta``: an x–z cut through the middle and a y–x cut
+    through the middle of the electrode, with µm axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    a = float(dataset.attrs["voxel_size_um"])
+    nz, ny, nx = dataset["phase"].shape
+    zc = int(dataset.attrs.get("z_cu_voxel", 0))
+    zt = int(dataset.attrs.get("z_top_voxel", nz))
+    z_mid = (zc + zt) // 2
+    colours = ["#1f3b73", "#d9d9d9", "#f2a541", "#8c8c8c", "#3a7d44", "#b05fa8", "#b87333", "#6fa8dc", "#ffffff"]
+    cmap = ListedColormap(colours)
+    norm = BoundaryNorm(np.arange(len(Phase) + 1) - 0.5, len(Phase))
+    fig, axes = plt.subplots(3, 2, figsize=(10, 12), gridspec_kw={"width_ratios": [1, 1]})
+    for row, name in enumerate(("phase", "lithiation", "delta")):
+        v = dataset[name].values
+        if name == "phase":
+            kw = {"cmap": cmap, "norm": norm, "interpolation": "nearest"}
+        elif name == "lithiation":
+            kw = {"cmap": "magma", "vmin": 0.0, "vmax": optics.X_FULL}
+        else:  # grey scale spanning the electrode (the Cu foil would saturate it)
+            lo, hi = np.percentile(v[zc:zt], [0.5, 99.5])
+            kw = {"cmap": "gray", "vmin": lo, "vmax": hi}
+        im = axes[row, 0].imshow(v[:, ny // 2, :], origin="lower", extent=(0, nx * a, 0, nz * a), **kw)
+        axes[row, 0].set(title=f"{name}: x–z cut at y = {ny // 2 * a:.1f} µm", xlabel="x (µm)", ylabel="z (µm)")
+        axes[row, 1].imshow(v[z_mid], origin="lower", extent=(0, nx * a, 0, ny * a), **kw)
+        axes[row, 1].set(title=f"{name}: y–x cut at z = {z_mid * a:.1f} µm", xlabel="x (µm)", ylabel="y (µm)")
+        cb = fig.colorbar(im, ax=axes[row].tolist(), shrink=0.8)
+        if name == "phase":
+            cb.set_ticks(range(len(Phase)))
+            cb.set_ticklabels([p.name.lower() for p in Phase])
+    fig.suptitle(f"phantom {dataset.attrs.get('scan', '')} — {dataset.attrs.get('mechanism', '')}, "
+                 f"{a * 1000:.0f} nm voxels, {dataset.attrs.get('energy_kev', '')} keV")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,684 @@
+"""Si / background segmentation with the seed's attention residual U-Net (Supplementary Note 4).
+
+Public interface (the baselines in :mod:`pipeline.baselines` share it):
+
+* :class:`UNetSegmenter` – ``fit(images, masks, rng)`` trains on annotated 2D
+  slices (augmented with the seed's list, :mod:`pipeline.augment`);
+  ``probability(volume)`` runs tiled, blended, batched inference over a volume
+  of any size, slice by slice along z (the reconstruction's own (y, x)
+  slices); ``segment(volume)`` thresholds it into uint8 labels (0 background,
+  1 Si); ``save(path)`` / :meth:`UNetSegmenter.load` round-trip a ``.keras``
+  file, loaded with ``safe_mode=True``.
+* :func:`training_slices` picks the annotated slices the seed's way (tile-sized
+  crops of z slices) and :func:`degrade_annotation` mimics hand annotation.
+* Stage functions :func:`compute_segmentation_training` (once) and
+  :func:`compute_segmentation` (per scan).
+
+TensorFlow uses the GPU when one is visible and logs which device it used
+(:func:`tensorflow_device`); everything also runs on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from twin.errors import InputFileError, StageError
+from twin.io import atomic_path
+
+log = logging.getLogger("twin.segmentation")
+
+#: Tiles sent to ``model.predict`` per call: few calls (each has a fixed cost of tens of ms)
+#: while bounding memory (256 tiles of 256 x 512 float32 are 134 MB).
+_TILES_PER_CHUNK = 256
+
+
+# TensorFlow ---------------------------------------------------------------------------
+
+
+def configure_tensorflow(threads: int | None = None) -> None:
+    """Import TensorFlow quietly and optionally cap its CPU thread pools.
+
+    Parameters
+    ----------
+    threads
+        Intra- and inter-op threads; ``None`` leaves TensorFlow's default (all
+        cores). Takes effect only before TensorFlow runs its first op.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads is not None:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:  # TensorFlow already initialized: the earlier setting stays
+            pass
+
+
+def tensorflow_device() -> str:
+    """The device TensorFlow runs the model on: ``"GPU:0 (name)"`` when a GPU is visible, else ``"CPU"``."""
+    configure_tensorflow()
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU"
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return f"GPU:0 ({details.get('device_name', gpus[0].name)})"
+
+
+# Tiling -------------------------------------------------------------------------------
+
+
+def tile_starts(length_px: int, tile_px: int, overlap_px: int, align_px: int = 1) -> list[int]:
+    """Start indices of tiles of ``tile_px`` covering ``length_px`` with at least ``overlap_px`` overlap.
+
+    Starts step by the largest multiple of ``align_px`` that keeps the overlap
+    (at least ``align_px``); the last tile ends at the border.
+    ``length_px - tile_px`` must be a multiple of ``align_px`` (the caller
+    pads), and ``length_px >= tile_px``.
+    Aligning tiles to the network's pooling grid (``2**depth``) makes a tile's
+    interior identical to a whole-image prediction.
+    """
+    if length_px < tile_px or (length_px - tile_px) % align_px:
+        raise ValueError(f"length_px: need >= tile_px ({tile_px}) and a multiple of {align_px} past it, got {length_px}")
+    step = max(align_px, (tile_px - overlap_px) // align_px * align_px)
+    n = -(-(length_px - tile_px) // step) + 1
+    return [min(i * step, length_px - tile_px) for i in range(n)]
+
+
+def blend_weights(tile_shape_px: tuple[int, int], overlap_px: tuple[int, int]) -> np.ndarray:
+    """Blending weight of one tile: linear ramps over the overlap at each edge, 1 inside, > 0 everywhere.
+
+    The product of two 1D ramps ``w(i) = min(1, (i + 0.5) / overlap, (n - i - 0.5) / overlap)``.
+    Neighbouring tiles' ramps cross-fade, so seams from the zero padding at a
+    tile's edge get little weight; dividing by the summed weights keeps the
+    result a proper average where only one tile covers a pixel.
+    """
+    ramps = []
+    for n, o in zip(tile_shape_px, overlap_px):
+        i = np.arange(n) + 0.5
+        ramps.append(np.minimum(1.0, np.minimum(i, n - i) / o) if o > 0 else np.ones(n))
+    return np.outer(*ramps).astype(np.float32)
+
+
+def predict_tiled(
+    predict_batch,
+    volume: np.ndarray,
+    *,
+    tile_shape_px: tuple[int, int],
+    overlap_px: tuple[int, int],
+    align_px: int = 1,
+) -> np.ndarray:
+    """Apply a 2D network slice by slice to a volume in overlapping, blended tiles.
+
+    Written here because neither Keras nor the project's other libraries tile a
+    2D model over a volume with blending.
+
+    Parameters
+    ----------
+    predict_batch
+        ``f(tiles) -> probabilities``: (n, th, tw, 1) float32 to (n, th, tw, 1).
+    volume
+        (z, y, x) grey values; slices are (y, x) planes, any size (padded by
+        reflection up to a tile where smaller).
+    tile_shape_px
+        (th, tw), px.
+    overlap_px
+        Overlap along y and x, px.
+    align_px
+        Tile starts are multiples of this (the network's ``2**depth``); slices
+        are reflect-padded at the far edges to fit.
+
+    Returns
+    -------
+    numpy.ndarray
+        (z, y, x) float32 probabilities.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"volume: need a (z, y, x) array, got shape {volume.shape}")
+    th, tw = tile_shape_px
+    nz, ny, nx = volume.shape
+    pad_y, pad_x = (max(0, t - n) + (-max(0, n - t)) % align_px for n, t in ((ny, th), (nx, tw)))
+    if pad_y or pad_x:
+        volume = np.pad(volume, ((0, 0), (0, pad_y), (0, pad_x)), mode="symmetric")
+    py, px = volume.shape[1:]
+    starts = [(y0, x0) for y0 in tile_starts(py, th, overlap_px[0], align_px)
+              for x0 in tile_starts(px, tw, overlap_px[1], align_px)]
+    weight = blend_weights((th, tw), overlap_px)
+    norm = np.zeros((py, px), np.float32)
+    for y0, x0 in starts:
+        norm[y0:y0 + th, x0:x0 + tw] += weight
+    out = np.empty((nz, ny, nx), np.float32)
+    slices_per_chunk = max(1, _TILES_PER_CHUNK // len(starts))
+    for z0 in range(0, nz, slices_per_chunk):
+        chunk = volume[z0:z0 + slices_per_chunk]
+        tiles = np.stack([s[y0:y0 + th, x0:x0 + tw] for s in chunk for y0, x0 in starts])[..., None]
+        probs = np.asarray(predict_batch(tiles), dtype=np.float32)[..., 0].reshape(len(chunk), len(starts), th, tw)
+        acc = np.zeros((len(chunk), py, px), np.float32)
+        for k, (y0, x0) in enumerate(starts):
+            acc[:, y0:y0 + th, x0:x0 + tw] += probs[:, k] * weight
+        out[z0:z0 + len(chunk)] = (acc / norm)[:, :ny, :nx]
+    return out
+
+
+# The U-Net segmenter -----------------------------------------------------------------
+
+
+def batch_norm_momentum(training_steps: int, *, default: float = 0.99, initial_weight: float = 0.01) -> float:
+    """Momentum of the batch-norm moving averages for a training run of ``training_steps`` updates.
+
+    Keras' default 0.99 (the seed's) is kept unless the run is too short for
+    the moving mean and variance to forget their initial values (0 and 1):
+    after n steps those weigh ``momentum**n``, so the momentum is lowered to
+    ``initial_weight**(1/n)`` (1 % left at the end). Without this a CI-sized
+    run (a few dozen steps) predicts with the initial statistics and fails.
+    """
+    return float(min(default, initial_weight ** (1.0 / max(training_steps, 1))))
+
+
+
+class UNetSegmenter:
+    """The seed's attention residual U-Net: train on annotated slices, segment volumes.
+
+    Parameters
+    ----------
+    tile_shape_px
+        Training crop and inference tile (height, width), px (seed: (256, 512)).
+    depth, base_filters, dropout
+        Architecture (see :func:`pipeline._unet.build_unet`); seed: dropout 0.2.
+    epochs, batch_size, learning_rate, validation_split
+        Training (seed: 150, 1, 1e-4 with Adam, 0.3).
+    augmentations_per_slice
+        Random draws of the seed's augmentation list per slice (seed: 3).
+    tile_overlap_fraction
+        Overlap of inference tiles, fraction of the tile side.
+    inference_batch_size
+        Tiles per forward pass.
+    probability_threshold
+        P(Si) above which a voxel is Si.
+    model
+        An already built or loaded Keras model (else built by :meth:`fit`).
+
+    Examples
+    --------
+    >>> seg = UNetSegmenter(tile_shape_px=(32, 32), depth=2, base_filters=4, epochs=1)
+    >>> seg.tile_shape_px
+    (32, 32)
+    """
+
+    def __init__(self, *, tile_shape_px=(256, 512), depth: int = 4, base_filters: int = 16, dropout: float = 0.2,
+                 epochs: int = 150, batch_size: int = 1, learning_rate: float = 1e-4, validation_split: float = 0.3,
+                 augmentations_per_slice: int = 3, tile_overlap_fraction: float = 0.125,
+                 inference_batch_size: int = 8, probability_threshold: float = 0.5, model=None):
+        self.tile_shape_px = tuple(int(n) for n in tile_shape_px)
+        if any(n % 2**depth for n in self.tile_shape_px):
+            raise ValueError(f"tile_shape_px: must be divisible by 2**depth = {2**depth}, got {self.tile_shape_px}")
+        self.depth, self.base_filters, self.dropout = depth, base_filters, dropout
+        self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
+        self.validation_split = validation_split
+        self.augmentations_per_slice = augmentations_per_slice
+        self.tile_overlap_fraction = tile_overlap_fraction
+        self.inference_batch_size = inference_batch_size
+        self.probability_threshold = probability_threshold
+        self.model = model
+        self.history: dict = {}
+
+    @classmethod
+    def from_scenario(cls, segmentation, model=None) -> UNetSegmenter:
+        """Build from a :class:`twin.scenario.Segmentation` section."""
+        s = segmentation
+        return cls(tile_shape_px=s.tile_shape_px, depth=s.depth, base_filters=s.base_filters, dropout=s.dropout,
+                   epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
+                   validation_split=s.validation_split, augmentations_per_slice=s.augmentations_per_slice,
+                   tile_overlap_fraction=s.tile_overlap_fraction, inference_batch_size=s.inference_batch_size,
+                   probability_threshold=s.probability_threshold, model=model)
+
+    # training -------------------------------------------------------------------------
+    def fit(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> UNetSegmenter:
+        """Augment the annotated slices and train a new model on them.
+
+        Parameters
+        ----------
+        images
+            (n, height, width) grey values of the annotated slices, each the tile size.
+        masks
+            (n, height, width) annotations: 1 Si, 0 background.
+        rng
+            Seeds the augmentation, the validation split, the weights and the
+            batch order (TensorFlow's global seed via ``keras.utils.set_random_seed``).
+
+        Notes
+        -----
+        The validation split (seed: 30 %) is drawn by *slice*, each slice with
+        its augmentations, so no augmented copy of a validation slice is
+        trained on (the seed does not say how it split). Training is repeatable
+        on CPU up to float round-off of multi-threaded reductions; see the docs.
+        """
+        from pipeline._unet import build_unet
+        from pipeline.augment import augment_slices
+
+        configure_tensorflow()
+        import keras
+
+        images = np.asarray(images, dtype=np.float32)
+        masks = np.asarray(masks)
+        if images.ndim != 3 or images.shape != masks.shape or images.shape[1:] != self.tile_shape_px:
+            raise ValueError(f"images, masks: need equal (n, {self.tile_shape_px[0]}, {self.tile_shape_px[1]}) shapes, "
+                             f"got {images.shape} and {masks.shape}")
+        n = len(images)
+        n_val = min(n - 1, int(round(self.validation_split * n)))
+        order = rng.permutation(n)
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        x_train, y_train = augment_slices(images[train_idx], masks[train_idx], rng,
+                                          augmentations_per_slice=self.augmentations_per_slice)
+        x_val, y_val = (augment_slices(images[val_idx], masks[val_idx], rng,
+                                       augmentations_per_slice=self.augmentations_per_slice) if n_val else (None, None))
+        lo, hi = np.percentile(images, [0.5, 99.5])
+        scale = 1.0 / (hi - lo) if hi > lo else 1.0
+        keras.utils.set_random_seed(int(rng.integers(2**31 - 1)))
+        steps = self.epochs * int(np.ceil(len(x_train) / self.batch_size))
+        model = build_unet(depth=self.depth, base_filters=self.base_filters, dropout=self.dropout,
+                           input_offset=float(-lo * scale), input_scale=float(scale),
+                           batch_norm_momentum=batch_norm_momentum(steps))
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=self.learning_rate), loss="binary_crossentropy")
+        device = tensorflow_device()
+        log.info("training %s on %s: %d train + %d validation images of %s px, %d epochs",
+                 model.name, device, len(x_train), 0 if x_val is None else len(x_val), self.tile_shape_px, self.epochs)
+        start = time.perf_counter()
+        hist = model.fit(x_train[..., None], y_train[..., None].astype(np.float32), batch_size=self.batch_size,
+                         epochs=self.epochs, shuffle=True, verbose=0,
+                         validation_data=None if x_val is None else (x_val[..., None], y_val[..., None].astype(np.float32)))
+        seconds = time.perf_counter() - start
+        self.model = model
+        self.history = {
+            "device": device,
+            "seconds": seconds,
+            "seconds_per_epoch": seconds / self.epochs,
+            "n_train_images": int(len(x_train)),
+            "n_validation_images": 0 if x_val is None else int(len(x_val)),
+            "validation_slices": [int(i) for i in val_idx],
+            "loss": [float(v) for v in hist.history["loss"]],
+            "val_loss": [float(v) for v in hist.history.get("val_loss", [])],
+            "n_parameters": int(model.count_params()),
+        }
+        return self
+
+    # inference ------------------------------------------------------------------------
+    def _require_model(self):
+        if self.model is None:
+            raise StageError("UNetSegmenter: no model; call fit() or load() first")
+        return self.model
+
+    def probability(self, volume: np.ndarray) -> np.ndarray:
+        """P(Si) of every voxel, (z, y, x) float32, from tiled, blended inference over z slices."""
+        model = self._require_model()
+        volume = np.asarray(volume, dtype=np.float32)
+        if volume.ndim == 2:
+            volume = volume[None]
+        overlap = tuple(int(round(self.tile_overlap_fraction * n)) for n in self.tile_shape_px)
+        log.info("segmenting a %s volume on %s", volume.shape, tensorflow_device())
+
+        def predict_batch(tiles):
+            return model.predict(tiles, batch_size=self.inference_batch_size, verbose=0)
+
+        return predict_tiled(predict_batch, volume, tile_shape_px=self.tile_shape_px, overlap_px=overlap,
+                             align_px=2**self.depth)
+
+    def segment(self, volume: np.ndarray) -> np.ndarray:
+        """Labels (z, y, x) uint8: 1 where P(Si) > the threshold, else 0."""
+        return (self.probability(volume) > self.probability_threshold).astype(np.uint8)
+
+    # persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the model as a ``.keras`` file, atomically (Keras insists on the suffix, so it writes a ``.keras`` temporary)."""
+        model = self._require_model()
+        path = Path(path)
+        if path.suffix != ".keras":
+            raise InputFileError(path, "a Keras 3 model file must end in .keras")
+        with atomic_path(path) as tmp:
+            model.save(tmp.with_suffix(".keras"))
+            tmp.with_suffix(".keras").rename(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, **options) -> UNetSegmenter:
+        """Load a ``.keras`` model with ``safe_mode=True`` (no arbitrary code runs while loading).
+
+        Parameters
+        ----------
+        path
+            The ``.keras`` file.
+        options
+            Inference options of :class:`UNetSegmenter` (``tile_shape_px``, ...).
+
+        Raises
+        ------
+        InputFileError
+            Missing, truncated or invalid file, or a model that is not this U-Net's shape.
+        """
+        configure_tensorflow()
+        import keras
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputFileError(path, "no such model file")
+        try:
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:  # keras raises ValueError, zipfile.BadZipFile, OSError, ... for a bad file
+            raise InputFileError(path, f"not a loadable .keras model ({type(exc).__name__}: {exc})") from None
+        if len(model.inputs) != 1 or model.outputs[0].shape[-1] != 1:
+            raise InputFileError(path, "expected a one-input, one-channel-output segmentation model")
+        depth = sum(1 for layer in model.layers if layer.name.startswith("att") and layer.name.endswith("_alpha"))
+        options.setdefault("depth", max(depth, 1))
+        if any(int(n) % 2 ** options["depth"] for n in options.get("tile_shape_px", (256, 512))):
+            raise InputFileError(path, f"model of depth {options['depth']} cannot take tiles {options.get('tile_shape_px')}")
+        return cls(model=model, **options)
+
+
+# Training data from the truth ---------------------------------------------------------
+
+
+def degrade_annotation(mask: np.ndarray, rng: np.random.Generator, *, boundary_jitter_px: float = 0.0,
+                       min_particle_area_px: int = 0) -> np.ndarray:
+    """Mimic a hand annotation of a 2D slice: jittered boundaries and missed small particles.
+
+    Parameters
+    ----------
+    mask
+        (height, width) true Si mask.
+    rng
+        Source of the jitter field.
+    boundary_jitter_px
+        rms displacement of the boundary, px: the signed distance to the
+        boundary is perturbed by a smooth Gaussian random field of this rms
+        (correlation length 4 px, about a brush stroke) and thresholded at 0.
+    min_particle_area_px
+        Connected Si regions smaller than this (px²) are left unlabelled.
+
+    Returns
+    -------
+    numpy.ndarray
+        (height, width) uint8 annotation.
+    """
+    from scipy import ndimage
+    from skimage import morphology
+
+    out = np.asarray(mask).astype(bool)
+    if min_particle_area_px > 0:
+        out = morphology.remove_small_objects(out, max_size=min_particle_area_px - 1)
+    if boundary_jitter_px > 0:
+        signed = ndimage.distance_transform_edt(out) - ndimage.distance_transform_edt(~out)
+        noise = ndimage.gaussian_filter(rng.standard_normal(out.shape), sigma=4.0, mode="wrap")
+        noise *= boundary_jitter_px / max(float(noise.std()), 1e-12)
+        out = signed + noise > 0
+    return out.astype(np.uint8)
+
+
+def training_slices(volume: np.ndarray, mask: np.ndarray, z_indices, rng: np.random.Generator,
+                    tile_shape_px: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+    """Tile-sized crops of the given z slices, at random (y, x) offsets: the slices an annotator labels.
+
+    Slices smaller than the tile are reflect-padded. Returns images, masks and
+    the (z, y0, x0) of each crop.
+    """
+    th, tw = tile_shape_px
+    nz, ny, nx = volume.shape
+    images, masks, where = [], [], []
+    for z in z_indices:
+        y0 = int(rng.integers(0, max(ny - th, 0) + 1))
+        x0 = int(rng.integers(0, max(nx - tw, 0) + 1))
+        pads = ((0, max(0, th - ny)), (0, max(0, tw - nx)))
+        images.append(np.pad(volume[z], pads, mode="symmetric")[y0:y0 + th, x0:x0 + tw])
+        masks.append(np.pad(mask[z], pads, mode="symmetric")[y0:y0 + th, x0:x0 + tw])
+        where.append((int(z), y0, x0))
+    return np.stack(images).astype(np.float32), np.stack(masks).astype(np.uint8), where
+
+
+def stratified_z(n_slices_z: int, count: int, rng: np.random.Generator) -> list[int]:
+    """``count`` slice indices, one drawn uniformly in each of ``count`` equal bins of [0, n_slices_z)."""
+    edges = np.linspace(0, n_slices_z, count + 1)
+    return [int(min(n_slices_z - 1, np.floor(rng.uniform(a, b)))) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def scan_index(scan: str) -> int:
+    """The number of a scan name (``"T3"`` -> 3)."""
+    m = re.fullmatch(r"\D*(\d+)", scan)
+    if m is None:
+        raise StageError(f"scan name {scan!r}: expected a name ending in its number, like 'T3'")
+    return int(m.group(1))
+
+
+def model_for_scan(scan: str, second_model_from_scan: int) -> int:
+    """1 for scans before ``second_model_from_scan`` (seed: T0-T2), else 2."""
+    return 1 if scan_index(scan) < second_model_from_scan else 2
+
+
+def _read_variable(path: Path, name: str) -> np.ndarray:
+    import xarray as xr
+
+    from twin.io import NETCDF_ENGINE
+
+    try:
+        with xr.open_dataset(path, engine=NETCDF_ENGINE) as ds:
+            return ds[name].values
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputFileError(path, f"cannot read variable {name!r} ({type(exc).__name__}: {exc})") from None
+
+
+# Stages -------------------------------------------------------------------------------
+
+
+def compute_segmentation_training(ctx) -> None:
+    """Stage ``segmentation_training`` (once): train model 1 (early scans) and model 2 (the rest).
+
+    The annotated slices are the phantom's true Si labels (``phantoms.phases.si_mask``),
+    optionally degraded (``segmentation.annotation_*``), on tile-sized crops of
+    z slices of the reconstructed ``volume``. Each model gets
+    ``segmentation.n_training_slices`` slices spread round-robin over its scans
+    and, within each scan, stratified over z (so the current collector and the
+    separator are seen too).
+
+    Reads ``ctx.input("reconstruction", scan)/volume.nc`` and
+    ``ctx.input("truth", scan)/phantom.nc`` for every scan among the inputs;
+    writes ``model_1.keras``, ``model_2.keras``, ``training_slices.nc`` and
+    ``training.json``.
+    """
+    import xarray as xr
+
+    from phantoms.phases import si_mask
+    from twin.io import write_netcdf
+
+    sc = ctx.scenario.segmentation
+    scans = sorted({item for (stage, item) in ctx.inputs if stage == "reconstruction"}, key=scan_index)
+    groups = {1: [s for s in scans if model_for_scan(s, sc.second_model_from_scan) == 1],
+              2: [s for s in scans if model_for_scan(s, sc.second_model_from_scan) == 2]}
+    for k, members in groups.items():
+        if not members:
+            raise StageError(f"segmentation.second_model_from_scan = {sc.second_model_from_scan}: model {k} has no scans "
+                             f"among the inputs {scans}")
+    rng = ctx.rng
+    report: dict = {"device": tensorflow_device(), "models": {}}
+    slices_ds = {}
+    for k, members in groups.items():
+        per_scan = {s: (sc.n_training_slices // len(members)) + (i < sc.n_training_slices % len(members))
+                    for i, s in enumerate(members)}
+        images, masks, origin = [], [], []
+        for scan, count in per_scan.items():
+            if count == 0:
+                continue
+            volume = _read_variable(ctx.input("reconstruction", scan) / "volume.nc", "volume")
+            truth = si_mask(_read_variable(ctx.input("truth", scan) / "phantom.nc", "phase"))
+            if volume.shape != truth.shape:
+                raise InputFileError(ctx.input("reconstruction", scan) / "volume.nc",
+                                     f"volume shape {volume.shape} differs from the truth's {truth.shape}")
+            im, ma, where = training_slices(volume, truth, stratified_z(volume.shape[0], count, rng), rng,
+                                            tuple(sc.tile_shape_px))
+            ma = np.stack([degrade_annotation(m, rng, boundary_jitter_px=sc.annotation_boundary_jitter_px,
+                                              min_particle_area_px=sc.annotation_min_particle_area_px) for m in ma])
+            images.append(im)
+            masks.append(ma)
+            origin += [{"scan": scan, "z": z, "y0": y0, "x0": x0} for z, y0, x0 in where]
+        images_a, masks_a = np.concatenate(images), np.concatenate(masks)
+        seg = UNetSegmenter.from_scenario(sc).fit(images_a, masks_a, rng)
+        seg.save(ctx.out_dir / f"model_{k}.keras")
+        report["models"][f"model_{k}"] = {"scans": members, "slices": origin, **seg.history}
+        slices_ds[k] = (images_a, masks_a)
+    n = max(len(v[0]) for v in slices_ds.values())
+    th, tw = sc.tile_shape_px
+    ds = xr.Dataset(
+        {
+            "image": (("model", "slice", "y", "x"), np.full((2, n, th, tw), np.nan, np.float32)),
+            "annotation": (("model", "slice", "y", "x"), np.zeros((2, n, th, tw), np.uint8)),
+            "valid": (("model", "slice"), np.zeros((2, n), bool)),
+        },
+        coords={"model": [1, 2]},
+        attrs={"description": "annotated training slices (before augmentation) of each model"},
+    )
+    for k, (im, ma) in slices_ds.items():
+        ds["image"][k - 1, : len(im)] = im
+        ds["annotation"][k - 1, : len(ma)] = ma
+        ds["valid"][k - 1, : len(im)] = True
+    write_netcdf(ds, ctx.out_dir / "training_slices.nc")
+    with atomic_path(ctx.out_dir / "training.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+
+
+def read_training_slices(path: Path, model: int) -> tuple[np.ndarray, np.ndarray]:
+    """The annotated slices (images, annotations) of model 1 or 2 from ``training_slices.nc``."""
+    import xarray as xr
+
+    from twin.io import NETCDF_ENGINE
+
+    try:
+        with xr.open_dataset(path, engine=NETCDF_ENGINE) as ds:
+            sel = ds.sel(model=model)
+            valid = sel["valid"].values.astype(bool)
+            return sel["image"].values[valid], sel["annotation"].values[valid]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputFileError(path, f"cannot read the training slices ({type(exc).__name__}: {exc})") from None
+
+
+def compute_segmentation(ctx) -> None:
+    """Stage ``segmentation`` (per scan): label the scan's volume with its model and the baselines.
+
+    Reads ``ctx.input("reconstruction", scan)/volume.nc`` (``volume``) and
+    ``ctx.input("segmentation_training")/model_{1,2}.keras`` and
+    ``training_slices.nc``; writes ``labels.nc`` (``labels`` uint8 from
+    ``segmentation.method``, plus ``labels_<baseline>`` for each of
+    ``segmentation.baselines``; coords in µm) and ``labels.tif``.
+    """
+    from pipeline.baselines import make_baseline
+
+    sc = ctx.scenario.segmentation
+    scan = ctx.item
+    volume_path = ctx.input("reconstruction", scan) / "volume.nc"
+    volume = _read_variable(volume_path, "volume")
+    training = ctx.input("segmentation_training")
+    k = model_for_scan(scan, sc.second_model_from_scan)
+    results: dict[str, np.ndarray] = {}
+    for method in dict.fromkeys([sc.method, *sc.baselines]):
+        if method == "unet":
+            seg = UNetSegmenter.load(training / f"model_{k}.keras", tile_shape_px=sc.tile_shape_px,
+                                     tile_overlap_fraction=sc.tile_overlap_fraction,
+                                     inference_batch_size=sc.inference_batch_size,
+                                     probability_threshold=sc.probability_threshold)
+        else:
+            images, masks = read_training_slices(training / "training_slices.nc", k)
+            seg = make_baseline(method, n_estimators=sc.random_forest_n_estimators).fit(images, masks, ctx.rng)
+        results[method] = seg.segment(volume)
+    write_labels(ctx.out_dir, results[sc.method], volume_path=volume_path,
+                 extra={f"labels_{m}": v for m, v in results.items() if m != sc.method},
+                 attrs={"method": sc.method, "model": f"model_{k}.keras" if sc.method == "unet" else "", "scan": scan})
+
+
+def write_labels(out_dir: Path, labels: np.ndarray, *, volume_path: Path | None = None, extra=None, attrs=None) -> None:
+    """Write ``labels.nc`` (``labels`` uint8 + ``extra`` variables, coords/attrs copied from the volume) and ``labels.tif``."""
+    import tifffile
+    import xarray as xr
+
+    from twin.io import NETCDF_ENGINE, write_netcdf
+
+    coords, base_attrs = {}, {}
+    if volume_path is not None and Path(volume_path).suffix == ".nc":
+        with xr.open_dataset(volume_path, engine=NETCDF_ENGINE) as ds:
+            coords = {d: ds[d].values for d in ("z", "y", "x") if d in ds.coords and ds.sizes[d] == labels.shape["zyx".index(d)]}
+            base_attrs = {k: v for k, v in ds.attrs.items() if k == "voxel_size_um"}
+    variables = {"labels": (("z", "y", "x"), labels.astype(np.uint8), {"flag_values": [0, 1], "flag_meanings": "background Si"})}
+    for name, value in (extra or {}).items():
+        variables[name] = (("z", "y", "x"), value.astype(np.uint8))
+    ds = xr.Dataset(variables, coords=coords, attrs={**base_attrs, **(attrs or {})})
+    out_dir = Path(out_dir)
+    write_netcdf(ds, out_dir / "labels.nc")
+    with atomic_path(out_dir / "labels.tif") as tmp:
+        tifffile.imwrite(tmp, labels.astype(np.uint8), metadata={"axes": "ZYX"})
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, Path]:
+    """A volume from ``volume.nc`` (variable ``volume``) or a TIFF stack; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "no such volume file")
+    if path.suffix == ".nc":
+        volume = _read_variable(path, "volume")
+    elif path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            volume = tifffile.imread(path)
+        except Exception as exc:  # tifffile raises several types for a damaged file
+            raise InputFileError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    else:
+        raise InputFileError(path, "expected a .nc (variable 'volume') or .tif volume")
+    if volume.ndim == 2:
+        volume = volume[None]
+    if volume.ndim != 3:
+        raise InputFileError(path, f"expected a (z, y, x) volume, got shape {volume.shape}")
+    return volume.astype(np.float32), path
+
+
+def read_annotated_slices(images_path: str | Path, annotations_path: str | Path, *,
+                          si_label: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The user's annotated slices: grey values and Si masks (``annotation == si_label``) as (n, y, x).
+
+    Raises
+    ------
+    InputFileError
+        Unreadable files, shapes that differ, or annotations without any Si or background.
+    """
+    grey, _ = read_volume(images_path)
+    labels, _ = read_volume(annotations_path)
+    if grey.shape != labels.shape:
+        raise InputFileError(annotations_path, f"shape {labels.shape} differs from the images' {grey.shape} ({images_path})")
+    mask = labels == si_label
+    if not mask.any() or mask.all():
+        raise InputFileError(annotations_path, f"needs both Si (value {si_label}) and background pixels")
+    return grey, mask.astype(np.uint8)
+
+
+def tiles_from_slices(images: np.ndarray, masks: np.ndarray,
+                      tile_shape_px: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Cut annotated slices of any size into tiles of the network's input size.
+
+    Tiles cover each slice edge to edge (the last one in a row or column ends
+    at the border, so neighbours may overlap); slices smaller than a tile are
+    reflect-padded.
+    """
+    th, tw = tile_shape_px
+    out_images, out_masks = [], []
+    for image, mask in zip(images, masks):
+        pads = ((0, max(0, th - image.shape[0])), (0, max(0, tw - image.shape[1])))
+        image, mask = np.pad(image, pads, mode="symmetric"), np.pad(mask, pads, mode="symmetric")
+        for y0 in tile_starts(image.shape[0], th, 0):
+            for x0 in tile_starts(image.shape[1], tw, 0):
+                out_images.append(image[y0:y0 + th, x0:x0 + tw])
+                out_masks.append(mask[y0:y0 + th, x0:x0 + tw])
+    return np.stack(out_images).astype(np.float32), np.stack(out_masks).astype(np.uint8)

@@ -1,0 +1,141 @@
+"""The deformation truth: exact F at arbitrary points, warps that move moments as predicted, fold refusal,
+spam-consistent strains, exact inverses."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from phantoms.deformation import Deformation, FoldingError, decompose_F, load_deformation, relative
+
+SHAPE = (32, 36, 40)
+
+
+def _affine_F(draw_values):
+    F = np.eye(3) + np.asarray(draw_values).reshape(3, 3)
+    return F
+
+
+f_entries = st.lists(st.floats(-0.15, 0.15), min_size=9, max_size=9)
+points = st.lists(st.tuples(*[st.floats(-50, 90)] * 3), min_size=1, max_size=20)
+
+
+@settings(max_examples=40, deadline=None)
+@given(entries=f_entries, pts=points)
+def test_homogeneous_F_is_returned_exactly_at_arbitrary_points(entries, pts):
+    F = _affine_F(entries)
+    d = Deformation(SHAPE, 0.2, homogeneous_F=F)
+    P = np.asarray(pts, float)
+    centre = (np.asarray(SHAPE) - 1) / 2
+    np.testing.assert_array_equal(d.gradient(P), np.broadcast_to(F, (len(P), 3, 3)))
+    np.testing.assert_allclose(d.displacement(P), (P - centre) @ F.T + centre - P, atol=1e-12)
+    phi = d.phi(P)
+    np.testing.assert_array_equal(phi[:, :3, :3], np.broadcast_to(F, (len(P), 3, 3)))
+    np.testing.assert_allclose(phi[:, 3], np.broadcast_to([0, 0, 0, 1], (len(P), 4)))
+    np.testing.assert_allclose(d.inverse(d.map(P)), P, atol=1e-9)
+
+
+def test_warped_volume_moments_shift_as_predicted():
+    """A Gaussian blob warped by an affine map: its centroid goes to φ(c), its covariance to F Σ Fᵀ."""
+    F = np.array([[1.08, 0.04, 0.0], [0.0, 0.95, 0.03], [0.02, 0.0, 1.05]])
+    d = Deformation(SHAPE, 0.2, homogeneous_F=F)
+    g = np.indices(SHAPE).reshape(3, -1).T.astype(float)
+    c = np.array([15.0, 17.0, 21.0])
+    sigma = np.diag([3.0, 2.5, 3.5]) ** 2
+    blob = np.exp(-0.5 * np.einsum("ni,ij,nj->n", g - c, np.linalg.inv(sigma), g - c)).reshape(SHAPE)
+    warped = d.warp({"blob": (blob, 3)})["blob"].reshape(-1)
+    w = warped / warped.sum()
+    centroid = w @ g
+    cov = (g - centroid).T @ ((g - centroid) * w[:, None])
+    np.testing.assert_allclose(centroid, d.map(c[None])[0], atol=0.01)
+    np.testing.assert_allclose(cov, F @ sigma @ F.T, rtol=0.02, atol=0.05)
+
+
+def _swelling(amp=0.3):
+    return Deformation(SHAPE, 0.2, swell_centre=[[14, 18, 15], [16, 17, 27]], swell_radius=[5.0, 4.0],
+                       swell_amplitude=[amp, 0.2], bump_centre=[[8, 10, 10]], bump_radius=[7.0],
+                       bump_vector=[[1.0, -0.5, 0.3]],
+                       axial_stretch=1 + 0.2 * np.exp(-((np.arange(SHAPE[0]) - 16) / 6) ** 2),
+                       homogeneous_F=[[1.02, 0.01, 0], [0, 0.99, 0], [0, 0.01, 1.0]])
+
+
+@pytest.mark.parametrize("rigid", [None, 9.5])
+def test_gradient_matches_finite_differences_and_grid_matches_points(rigid):
+    d = _swelling()
+    d.rigid_below_z = rigid
+    X = np.random.default_rng(0).uniform(2, 30, (300, 3))
+    h = 1e-5
+    Fn = np.stack([(d.map(X + h * e) - d.map(X - h * e)) / (2 * h) for e in np.eye(3)], axis=-1)
+    np.testing.assert_allclose(d.gradient(X), Fn, atol=1e-7)
+    u = d.displacement_field()
+    idx = np.random.default_rng(1).integers(0, SHAPE, (200, 3))
+    np.testing.assert_allclose(u[:, idx[:, 0], idx[:, 1], idx[:, 2]].T, d.displacement(idx.astype(float)), atol=1e-5)
+
+
+def test_inverse_and_warp_are_exact():
+    """φ⁻¹(φ(X)) = X to the Newton tolerance; warping a coordinate field returns φ⁻¹ at every voxel."""
+    d = _swelling()
+    X = np.random.default_rng(2).uniform(0, 31, (500, 3))
+    np.testing.assert_allclose(d.inverse(d.map(X)), X, atol=1e-5)
+    coords = np.indices(SHAPE).astype(float)
+    warped = d.warp({f"c{k}": (coords[k], 1) for k in range(3)})
+    g = np.indices(SHAPE).reshape(3, -1).T.astype(float)
+    inv = np.stack([warped[f"c{k}"].reshape(-1) for k in range(3)], -1)
+    inside = np.all((inv > 0.5) & (inv < np.asarray(SHAPE) - 1.5), axis=1)  # linear interpolation of a linear field is exact
+    np.testing.assert_allclose(d.map(inv[inside]), g[inside], atol=1e-5)
+
+
+def test_folding_field_is_refused():
+    with pytest.raises(FoldingError, match="det F"):
+        Deformation(SHAPE, 0.2, bump_centre=[[16, 18, 20]], bump_radius=[3.0], bump_vector=[[6.0, 0, 0]]).displacement_field()
+    with pytest.raises(FoldingError, match="prescribed_deformation_gradient"):
+        Deformation(SHAPE, 0.2, homogeneous_F=np.diag([1.0, 1.0, -1.0]))
+    with pytest.raises(FoldingError, match="axial"):
+        Deformation(SHAPE, 0.2, axial_stretch=np.full(SHAPE[0], -0.1))
+    _swelling().displacement_field()  # a physical field passes
+
+
+def test_strain_measures_agree_with_spam_decomposeF():
+    spam_def = pytest.importorskip("spam.deformation")
+    d = _swelling()
+    X = np.random.default_rng(3).uniform(4, 28, (20, 3))
+    ours = d.strain(X)
+    for i, F in enumerate(d.gradient(X)):
+        ref = spam_def.decomposeF(F.copy())
+        for key in ("vol", "dev", "volss", "devss"):
+            assert ours[key][i] == pytest.approx(ref[key], abs=1e-9), key
+        np.testing.assert_allclose(ours["U"][i], ref["U"], atol=1e-9)
+        np.testing.assert_allclose(ours["z"][i], ref["z"], atol=1e-9)
+
+
+def test_relative_field_between_scans_composes(tmp_path):
+    """Φ(T0→T2) at X equals Φ(T1→T2) at φ1(X) composed with Φ(T0→T1) at X, and deformation.json round-trips."""
+    d1 = _swelling(0.15)
+    d2 = _swelling(0.3)
+    (tmp_path / "deformation.json").write_text(__import__("json").dumps(d2.to_dict()))
+    d2 = load_deformation(tmp_path)
+    X = np.random.default_rng(4).uniform(5, 27, (50, 3))
+    x1 = d1.map(X)
+    phi12, back = relative(d1, d2, x1)
+    np.testing.assert_allclose(back, X, atol=1e-5)
+    np.testing.assert_allclose(phi12[:, :3, :3] @ d1.gradient(X), d2.gradient(X), atol=1e-6)
+    np.testing.assert_allclose(x1 + phi12[:, :3, 3], d2.map(X), atol=1e-6)
+
+
+def test_decompose_F_volumetric_strain_of_isotropic_swelling():
+    F = np.eye(3) * 1.2
+    out = decompose_F(F[None])
+    assert out["vol"][0] == pytest.approx(1.2**3 - 1)
+    assert out["dev"][0] == pytest.approx(0, abs=1e-12)
+
+
+def test_compiled_kernels_match_the_numpy_reference():
+    d = _swelling()
+    P = np.random.default_rng(5).uniform(-10, 45, (5000, 3))
+    fast = d._local_sum(P, True)
+    d.backend = "numpy"
+    ref = d._local_sum(P, True)
+    np.testing.assert_allclose(fast[0], ref[0], atol=1e-12)
+    np.testing.assert_allclose(fast[1], ref[1], atol=1e-12)
+    with pytest.raises(ValueError, match="backend"):
+        Deformation(SHAPE, 0.2, backend="cuda")

@@ -1,0 +1,140 @@
+"""The microstructure and truth stages on the ``tiny`` scenario, with a lithiation.nc written here."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from phantoms.deformation import load_deformation
+from phantoms.phases import Phase, si_mask
+from phantoms.truth import compute_microstructure, compute_truth, particle_fractions, write_phantom_png
+from twin.io import write_netcdf
+from twin.runner import StageContext
+from twin.scenario import load_scenario
+
+SCANS = ["T0", "T1", "T2"]
+
+
+def _lithiation(path):
+    depth = np.linspace(0, 20, 6)
+    radius = np.linspace(0.2, 5, 5)
+    front = np.exp(-depth / 10)[:, None] * np.exp(-radius / 8)[None]  # more near the separator and in small grains
+    data = np.stack([0 * front, 0.45 * front, 0 * front])  # T2: delithiated
+    da = xr.DataArray(data.astype(np.float32), dims=("scan", "depth_um", "radius_um"),
+                      coords={"scan": SCANS, "depth_um": depth, "radius_um": radius}, name="lithiated_fraction")
+    write_netcdf(da.to_dataset(), path / "lithiation.nc")
+    return da
+
+
+def _ctx(sc, stage, item, out, inputs):
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(stage=stage, item=item, scenario=sc, out_dir=out, inputs=inputs, seed=sc.run.seed, key="test")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Stages run for one mechanism: returns {scan: (Dataset, particles table)}."""
+    cache = {}
+
+    def go(mechanism):
+        if mechanism in cache:
+            return cache[mechanism]
+        root = tmp_path_factory.mktemp(mechanism)
+        sc = load_scenario("tiny", [f'sample.mechanism="{mechanism}"'])
+        reh = root / "rehearsal"
+        reh.mkdir()
+        lith = _lithiation(reh)
+        ms_dir = root / "microstructure"
+        compute_microstructure(_ctx(sc, "microstructure", None, ms_dir, {}))
+        out = {}
+        for scan in SCANS[:2] if mechanism == "core_shell" else SCANS:
+            d = root / scan
+            compute_truth(_ctx(sc, "truth", scan, d, {("microstructure", None): ms_dir, ("rehearsal", None): reh}))
+            with xr.open_dataset(d / "phantom.nc", engine="h5netcdf") as ds:
+                out[scan] = (ds.load(), pd.read_csv(d / "particles.csv"), d, lith)
+        cache[mechanism] = out
+        return out
+
+    return go
+
+
+def test_phantom_follows_the_contract(run):
+    ds, table, d, _ = run("pathway")["T1"]
+    assert ds["phase"].dtype == np.uint8 and ds["particle"].dtype == np.int32
+    for name in ("lithiation", "delta", "beta", "displacement"):
+        assert ds[name].dtype == np.float32, name
+    assert ds["displacement"].dims == ("component", "z", "y", "x")
+    assert ds.sizes == {"z": 70, "y": 64, "x": 64, "component": 3}
+    assert ds["z"].values[1] == pytest.approx(0.4)
+    for key in ("voxel_size_um", "energy_kev", "mechanism", "seed"):
+        assert key in ds.attrs
+    assert ds.attrs["mechanism"] == "pathway"
+    for col in ("id", "z_um", "equivalent_diameter_um", "depth_um", "lithiated_fraction", "mechanism"):
+        assert col in table.columns
+    assert load_deformation(d).shape == (70, 64, 64)
+
+
+def test_pristine_scan_is_undeformed_and_crystalline(run):
+    ds, table, _, _ = run("pathway")["T0"]
+    assert np.all(ds["displacement"].values == 0)
+    si = si_mask(ds["phase"].values)
+    assert np.all(ds["phase"].values[si] == Phase.SI_CRYSTALLINE)
+    assert np.all(ds["lithiation"].values == 0)
+
+
+@pytest.mark.parametrize("mechanism", ["pathway", "core_shell"])
+def test_lithiated_fraction_is_conserved_per_particle(run, mechanism):
+    ds, table, _, lith = run(mechanism)["T1"]
+    np.testing.assert_allclose(table["measured_fraction"], table["lithiated_fraction"], atol=1e-6)
+    f, _ = particle_fractions(lith, "T1", table)
+    np.testing.assert_allclose(table["lithiated_fraction"], f)
+    assert (table["lithiated_fraction"] > 0).all()
+
+
+def test_electrode_thickens_toward_the_separator_and_folds_nowhere(run):
+    ds, table, d, _ = run("pathway")["T1"]
+    uz = ds["displacement"].sel(component="z").values
+    z_top = ds.attrs["z_top_voxel"]
+    z_cu = ds.attrs["z_cu_voxel"]
+    assert np.all(uz[:z_cu] == pytest.approx(0, abs=1e-3))  # the Cu foil does not move
+    assert uz[z_top].mean() > uz[(z_cu + z_top) // 2].mean() > 0  # particles near the separator move most (Fig S9)
+    dfm = load_deformation(d)
+    g = np.indices(ds["phase"].shape)[:, ::3, ::3, ::3].reshape(3, -1).T.astype(float)
+    assert np.linalg.det(dfm.gradient(g)).min() > 0
+
+
+def test_discharged_particles_keep_amorphous_si(run):
+    ds, table, _, _ = run("pathway")["T2"]
+    phase = ds["phase"].values
+    assert (phase == Phase.SI_AMORPHOUS).sum() > 0
+    assert (table["max_lithiated_fraction"] >= table["lithiated_fraction"]).all()
+
+
+def test_picture_is_written(run, tmp_path):
+    ds = run("pathway")["T1"][0]
+    path = write_phantom_png(ds, tmp_path / "phantom.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pristine_phantom_without_rehearsal_is_the_runs_t0(run):
+    """``twin phantom SCENARIO`` (no --scan) draws the same electrode as the microstructure stage of a run."""
+    from phantoms.truth import pristine_phantom
+
+    ds_run = run("pathway")["T0"][0]
+    ds, table, _ = pristine_phantom(load_scenario("tiny", ['sample.mechanism="pathway"']))
+    assert np.array_equal(ds["phase"].values, ds_run["phase"].values)
+    assert np.array_equal(ds["delta"].values, ds_run["delta"].values)
+
+
+def test_prescribed_folding_field_is_refused(run):
+    """A prescribed bump that folds the map is refused with the fields to change (exit code 2)."""
+    from phantoms.deformation import FoldingError
+    from phantoms.truth import load_microstructure, truth_for_scan
+
+    d = run("pathway")["T1"][2]
+    ms = load_microstructure(d.parent / "microstructure")
+    f = np.zeros(len(ms.particles))
+    folding = load_scenario("tiny", ["sample.prescribed_bumps=[[12.0, 12.0, 12.0, 1.0, 3.0, 0.0, 0.0]]"])
+    with pytest.raises(FoldingError, match="prescribed_bumps") as err:
+        truth_for_scan(ms, folding.sample, 29.6, f, f, scan="T1", scan_index=1, seed=1)
+    assert err.value.exit_code == 2

@@ -1,0 +1,105 @@
+"""The ``validation`` stage: every product of a run scored against the truth.
+
+Writes ``metrics.json`` (a flat mapping of stable dotted names to numbers;
+renaming one is a breaking change) and ``metrics.nc`` (per-scan metrics as
+variables over a ``scan`` dimension). Scores come from the modules that know
+each product (``validation.segmentation_scores``, ``validation.dic_scores``);
+this module gathers them and adds the reconstruction, schedule,
+electrochemistry and runtime figures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from twin.io import atomic_path, write_netcdf
+from twin.runner import MANIFEST, StageContext
+
+_PER_SCAN = re.compile(r"^(?P<name>.+)\.(?P<scan>T\d+)$")
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two arrays over their jointly finite voxels."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def reconstruction_metrics(truth_nc: Path, volume_nc: Path, scan: str) -> dict[str, float]:
+    """``recon.delta_pearson.<scan>``: correlation of the reconstructed δ with the true δ on the same grid."""
+    import xarray as xr
+
+    with xr.open_dataset(truth_nc, engine="h5netcdf") as truth, xr.open_dataset(volume_nc, engine="h5netcdf") as rec:
+        true_delta, rec_delta = truth["delta"].values, rec["delta"].values
+    if true_delta.shape != rec_delta.shape:
+        from twin.errors import StageError
+
+        raise StageError(f"validation: {volume_nc} has shape {rec_delta.shape}, the truth {truth_nc} {true_delta.shape}")
+    return {f"recon.delta_pearson.{scan}": pearson(true_delta, rec_delta)}
+
+
+def runtime_metrics(ctx: StageContext) -> dict[str, float]:
+    """``runtime_s.<stage>``: seconds each stage took, summed over its scans (0 for entries reused from the cache)."""
+    seconds: dict[str, float] = {}
+    for (stage, _item), path in ctx.inputs.items():
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        seconds[stage] = seconds.get(stage, 0.0) + float(manifest.get("seconds", 0.0))
+    return {f"runtime_s.{stage}": s for stage, s in sorted(seconds.items())}
+
+
+def _mean_over_scans(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    values = [v for k, v in metrics.items() if k.startswith(prefix + ".T") and np.isfinite(v)]
+    return {f"{prefix}.mean": float(np.mean(values))} if values else {}
+
+
+def compute_validation(ctx: StageContext) -> None:
+    """Stage ``validation`` (once): gather the scores of every product into metrics.json and metrics.nc."""
+    from validation.dic_scores import dic_metrics
+    from validation.segmentation_scores import score_files
+
+    scans = sorted({item for (stage, item) in ctx.inputs if stage == "truth"}, key=lambda s: int(s[1:]))
+    phantoms = {s: ctx.input("truth", s) / "phantom.nc" for s in scans}
+    metrics: dict[str, float] = {}
+
+    rehearsal = json.loads((ctx.input("rehearsal") / "rehearsal.json").read_text())
+    metrics["schedule.n_scans"] = float(len(scans))
+    metrics["electrochem.discharge_capacity_mAh"] = float(rehearsal["discharge_capacity_mah"])
+    metrics["electrochem.charge_passed_mAh"] = float(rehearsal["charge_passed_mah"])
+
+    for s in scans:
+        metrics.update(reconstruction_metrics(phantoms[s], ctx.input("reconstruction", s) / "volume.nc", s))
+        metrics.update(score_files(ctx.input("segmentation", s) / "labels.nc", phantoms[s], scan=s))
+    metrics.update(_mean_over_scans(metrics, "recon.delta_pearson"))
+    metrics.update(_mean_over_scans(metrics, "segmentation.dice_si"))
+
+    dic_dirs = {s: ctx.input("dic", s) for s in scans[1:]}
+    metrics.update(dic_metrics(ctx.input("dic_composition"), phantoms, dic_dirs=dic_dirs,
+                               tracking_dir=ctx.input("tracking")))
+    metrics.update(runtime_metrics(ctx))
+    write_metrics(metrics, ctx.out_dir)
+
+
+def write_metrics(metrics: dict[str, float], out_dir: Path) -> None:
+    """``metrics.json`` (flat, sorted) and ``metrics.nc`` (per-scan names as variables over ``scan``)."""
+    import xarray as xr
+
+    clean = {k: float(v) for k, v in sorted(metrics.items())}
+    with atomic_path(Path(out_dir) / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(clean, indent=1, allow_nan=True))
+    per_scan: dict[str, dict[str, float]] = {}
+    for key, value in clean.items():
+        m = _PER_SCAN.match(key)
+        if m:
+            per_scan.setdefault(m["name"], {})[m["scan"]] = value
+    scans = sorted({s for d in per_scan.values() for s in d}, key=lambda s: int(s[1:]))
+    ds = xr.Dataset({name: ("scan", [d.get(s, np.nan) for s in scans]) for name, d in per_scan.items()},
+                    coords={"scan": scans})
+    ds.attrs["scalars"] = json.dumps({k: v for k, v in clean.items() if not _PER_SCAN.match(k)})
+    write_netcdf(ds, Path(out_dir) / "metrics.nc")

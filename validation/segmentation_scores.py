@@ -1,0 +1,143 @@
+"""Scores of a Si segmentation against the phantom's truth (issue 6), as flat ``metrics.json`` entries.
+
+For a predicted Si mask P and the true Si mask T (``phantoms.phases.si_mask``):
+
+* Dice :math:`D = 2|P \\cap T| / (|P| + |T|)` and IoU (Jaccard)
+  :math:`J = |P \\cap T| / |P \\cup T|` (both 1 when both masks are empty);
+* boundary F1 (Csurka et al. 2013): boundary voxels of P within ``tolerance``
+  voxels of T's boundary give the precision, and vice versa the recall;
+  :math:`F_1 = 2 p r / (p + r)`;
+* mean (symmetric) surface distance: the mean over the boundary voxels of
+  both masks of the Euclidean distance to the other mask's boundary, µm;
+* per-particle detection rate: the fraction of true particles (``particle``
+  ids > 0) with at least half of their Si voxels labelled Si.
+
+Names: ``segmentation.<metric>.<scan>`` for the main labels and
+``segmentation.<metric>_<baseline>.<scan>`` for a baseline's labels
+(``segmentation.dice_si_otsu.T3``).
+
+References
+----------
+Dice L. R., Ecology 26, 297 (1945), doi:10.2307/1932409.
+Csurka G., Larlus D., Perronnin F., "What is a good evaluation measure for
+semantic segmentation?", BMVC 2013, doi:10.5244/C.27.32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("dice_si", "iou_si", "boundary_f1", "mean_surface_distance_um", "particle_detection_rate")
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    from skimage.segmentation import find_boundaries
+
+    return find_boundaries(mask, mode="inner")
+
+
+def _distance_to(boundary: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    if not boundary.any():
+        return np.full(boundary.shape, np.inf)
+    return ndimage.distance_transform_edt(~boundary)
+
+
+def mask_scores(predicted: np.ndarray, truth: np.ndarray, *, voxel_size_um: float,
+                boundary_tolerance_px: float = 1.0) -> dict[str, float]:
+    """Dice, IoU, boundary F1 and mean surface distance (µm) of two boolean masks of equal shape."""
+    p = np.asarray(predicted).astype(bool)
+    t = np.asarray(truth).astype(bool)
+    if p.shape != t.shape:
+        raise ValueError(f"predicted and truth: shapes differ, {p.shape} vs {t.shape}")
+    inter, sp, st = np.count_nonzero(p & t), np.count_nonzero(p), np.count_nonzero(t)
+    union = sp + st - inter
+    dice = 1.0 if sp + st == 0 else 2 * inter / (sp + st)
+    iou = 1.0 if union == 0 else inter / union
+    bp, bt = _boundary(p), _boundary(t)
+    if not bp.any() and not bt.any():
+        f1, msd = 1.0, 0.0
+    elif not bp.any() or not bt.any():
+        f1, msd = 0.0, float("inf")
+    else:
+        dist_to_t, dist_to_p = _distance_to(bt), _distance_to(bp)
+        precision = float(np.mean(dist_to_t[bp] <= boundary_tolerance_px))
+        recall = float(np.mean(dist_to_p[bt] <= boundary_tolerance_px))
+        f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+        msd = float(np.concatenate([dist_to_t[bp], dist_to_p[bt]]).mean()) * voxel_size_um
+    return {"dice_si": float(dice), "iou_si": float(iou), "boundary_f1": float(f1), "mean_surface_distance_um": msd}
+
+
+def particle_detection_rate(predicted: np.ndarray, truth: np.ndarray, particle: np.ndarray,
+                            *, min_fraction: float = 0.5) -> float:
+    """Fraction of true particles with at least ``min_fraction`` of their Si voxels labelled Si (nan if none)."""
+    p = np.asarray(predicted).astype(bool)
+    ids = np.where(np.asarray(truth).astype(bool), np.asarray(particle), 0).ravel()
+    total = np.bincount(ids)
+    hit = np.bincount(ids, weights=p.ravel(), minlength=len(total))
+    present = np.flatnonzero(total[1:]) + 1
+    if len(present) == 0:
+        return float("nan")
+    return float(np.mean(hit[present] >= min_fraction * total[present]))
+
+
+def segmentation_scores(labels: np.ndarray, phase: np.ndarray, particle: np.ndarray | None, *, scan: str,
+                        voxel_size_um: float, name_suffix: str = "") -> dict[str, float]:
+    """All scores of one label volume against the truth, named ``segmentation.<metric><suffix>.<scan>``.
+
+    Parameters
+    ----------
+    labels
+        (z, y, x) predicted labels, 1 = Si.
+    phase
+        (z, y, x) the phantom's ``phase`` (``phantoms.phases.Phase``).
+    particle
+        (z, y, x) the phantom's particle ids, or ``None`` to skip the detection rate.
+    scan
+        Scan name for the metric names (``"T3"``).
+    voxel_size_um
+        Voxel edge, µm.
+    name_suffix
+        Appended to each metric name (``"_otsu"``).
+    """
+    from phantoms.phases import si_mask
+
+    truth = si_mask(np.asarray(phase))
+    scores = mask_scores(labels == 1, truth, voxel_size_um=voxel_size_um)
+    if particle is not None:
+        scores["particle_detection_rate"] = particle_detection_rate(labels == 1, truth, particle)
+    return {f"segmentation.{k}{name_suffix}.{scan}": v for k, v in scores.items()}
+
+
+def score_files(labels_nc: str | Path, phantom_nc: str | Path, *, scan: str) -> dict[str, float]:
+    """Scores of ``labels.nc`` (``labels`` and every ``labels_<baseline>``) against ``phantom.nc``."""
+    import xarray as xr
+
+    from twin.errors import InputFileError
+    from twin.io import NETCDF_ENGINE
+
+    try:
+        with xr.open_dataset(phantom_nc, engine=NETCDF_ENGINE) as truth:
+            phase = truth["phase"].values
+            particle = truth["particle"].values if "particle" in truth else None
+            voxel_size_um = float(truth.attrs["voxel_size_um"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputFileError(phantom_nc, f"cannot read phase/voxel_size_um ({type(exc).__name__}: {exc})") from None
+    scores: dict[str, float] = {}
+    try:
+        with xr.open_dataset(labels_nc, engine=NETCDF_ENGINE) as ds:
+            variables = {name: ds[name].values for name in ds.data_vars if name.startswith("labels")}
+    except (OSError, ValueError) as exc:
+        raise InputFileError(labels_nc, f"cannot read labels ({type(exc).__name__}: {exc})") from None
+    if "labels" not in variables:
+        raise InputFileError(labels_nc, "no variable 'labels'")
+    for name, labels in variables.items():
+        if labels.shape != phase.shape:
+            raise InputFileError(labels_nc, f"{name} has shape {labels.shape}, the truth {phase.shape}")
+        suffix = name[len("labels"):]
+        scores.update(segmentation_scores(labels, phase, particle, scan=scan, voxel_size_um=voxel_size_um,
+                                          name_suffix=suffix))
+    return scores
