@@ -230,6 +230,9 @@ class Segmentation(_Section):
     method: Literal["unet", "otsu", "random_forest"] = "unet"
     tile_shape_px: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] = [256, 512]
     n_training_slices: PositiveInt = 12
+    slice_planes: list[Literal["yx", "zx", "zy"]] = Field(
+        ["yx"], min_length=1, description="Planes the annotated slices are cut from and the 2D network is applied to, "
+        "probabilities averaged over them: 'yx' the reconstruction's slices (seed), 'zx'/'zy' vertical slices.")
     augmentations_per_slice: PositiveInt = 3
     epochs: PositiveInt = 150
     batch_size: PositiveInt = 1

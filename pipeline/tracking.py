@@ -1,0 +1,187 @@
+"""Particle tracking (seed Fig S9) and particle-centred VOI strain curves (Figs S12, S20).
+
+Tracking: each Si particle of the T0 segmentation (a connected component of
+the Si class, ``scipy.ndimage.label``) is followed through the scans as the
+centre of mass of its non-lithiated (still Si-labelled) phase. In scan Ti the
+particle's T0 voxels are shifted by the DIC displacement at its centre
+(cumulative Φ₀→ᵢ), and the Ti Si component that most of them land on is taken
+as the particle; its centre of mass gives the trajectory. The seed plots the
+axial (z) displacement against height above the current collector.
+
+VOIs: cubes of edge ``validation.voi_size_um`` centred on chosen particles'
+T0 centres; the mean Q8 volumetric and axial strain of the cells inside, per
+scan, relative to T0.
+
+Written by hand: spam's ``spam.label`` tracks labelled grains with ``ddic``,
+which needs grey-level windows per grain; the seed tracks segmented phases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage as ndi
+import xarray as xr
+
+from twin.errors import InputFileError, StageError
+from twin.io import atomic_path
+
+
+def particles(si_mask: np.ndarray, *, min_voxels: int = 27) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connected Si components of at least ``min_voxels``: (labels image, label ids, centres (N, 3) voxels)."""
+    labels, n = ndi.label(si_mask)
+    if n == 0:
+        return labels, np.zeros(0, int), np.zeros((0, 3))
+    sizes = ndi.sum_labels(np.ones_like(labels), labels, np.arange(1, n + 1))
+    ids = np.arange(1, n + 1)[sizes >= min_voxels]
+    centres = np.array(ndi.center_of_mass(si_mask, labels, ids), dtype=float).reshape(-1, 3)
+    return labels, ids, centres
+
+
+def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int = 27) -> list[dict]:
+    """Trajectories of the T0 particles.
+
+    Parameters
+    ----------
+    si_masks
+        Scan name → boolean Si mask (z, y, x), ``"T0"`` first.
+    displacement_at
+        ``displacement_at(scan, points (N, 3) voxels) -> (N, 3)`` cumulative DIC
+        displacement T0 → scan in voxels (NaN where unknown).
+
+    Returns
+    -------
+    list of dict
+        One row per particle and scan: ``particle``, ``scan``, ``z0_px`` … (T0
+        centre), ``z_px`` … (centre in the scan), ``dz_px`` (NaN if lost).
+    """
+    scans = list(si_masks)
+    labels0, ids, centres0 = particles(si_masks[scans[0]], min_voxels=min_voxels)
+    rows = []
+    voxels0 = ndi.find_objects(labels0)
+    for scan in scans:
+        if scan == scans[0]:
+            for pid, c in zip(ids, centres0):
+                rows.append(_row(pid, scan, c, c))
+            continue
+        labels_i, n_i = ndi.label(si_masks[scan])
+        shifts = displacement_at(scan, centres0) if len(centres0) else np.zeros((0, 3))
+        for pid, c0, shift in zip(ids, centres0, shifts):
+            sl = voxels0[pid - 1]
+            local = np.argwhere(labels0[sl] == pid) + [s.start for s in sl]
+            centre = np.full(3, np.nan)
+            if np.all(np.isfinite(shift)):
+                moved = np.rint(local + shift).astype(int)
+                inside = np.all((moved >= 0) & (moved < np.array(labels_i.shape)), axis=1)
+                hit = labels_i[tuple(moved[inside].T)]
+                hit = hit[hit > 0]
+                if hit.size:
+                    best = np.bincount(hit).argmax()
+                    centre = np.array(ndi.center_of_mass(labels_i == best), dtype=float)
+            rows.append(_row(pid, scan, c0, centre))
+    return rows
+
+
+def _row(pid, scan, c0, c) -> dict:
+    return {"particle": int(pid), "scan": scan, "z0_px": c0[0], "y0_px": c0[1], "x0_px": c0[2],
+            "z_px": c[0], "y_px": c[1], "x_px": c[2], "dz_px": c[0] - c0[0], "dy_px": c[1] - c0[1], "dx_px": c[2] - c0[2]}
+
+
+def voi_curves(cumulative: xr.Dataset, centres_um: np.ndarray, edge_um: float) -> list[dict]:
+    """Mean volumetric and axial strain in cubes of ``edge_um`` around each centre (z, y, x µm), per scan."""
+    rows = []
+    zc, yc, xc = (cumulative[c].values for c in ("z_cell", "y_cell", "x_cell"))
+    for k, centre in enumerate(centres_um):
+        sel = [np.abs(axis - c) <= edge_um / 2 for axis, c in zip((zc, yc, xc), centre)]
+        rows.append({"voi": k, "scan": "T0", "z_um": centre[0], "y_um": centre[1], "x_um": centre[2],
+                     "volumetric_strain": 0.0, "axial_strain": 0.0, "n_cells": int(np.prod([s.sum() for s in sel]))})
+        for scan in cumulative["scan"].values.tolist():
+            sub = cumulative.sel(scan=scan)
+            block = np.ix_(*sel)
+            vol = sub["volumetric_strain"].values[block]
+            ax = sub["axial_strain"].values[block]
+            rows.append({"voi": k, "scan": scan, "z_um": centre[0], "y_um": centre[1], "x_um": centre[2],
+                         "volumetric_strain": float(np.nanmean(vol)) if np.isfinite(vol).any() else np.nan,
+                         "axial_strain": float(np.nanmean(ax)) if np.isfinite(ax).any() else np.nan,
+                         "n_cells": int(np.isfinite(vol).sum())})
+    return rows
+
+
+def choose_voi_particles(centres_px: np.ndarray, sizes: np.ndarray, n: int = 4) -> np.ndarray:
+    """Indices of ``n`` particles spread through the depth (the largest in each depth quantile), as Fig S12 picks them."""
+    if len(centres_px) == 0:
+        return np.zeros(0, int)
+    order = np.argsort(centres_px[:, 0])
+    chosen = []
+    for part in np.array_split(order, min(n, len(order))):
+        chosen.append(part[np.argmax(sizes[part])])
+    return np.array(chosen, int)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    keys = list(rows[0]) if rows else ["empty"]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(",".join(keys) + "\n")
+            for r in rows:
+                fh.write(",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n")
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise InputFileError(path, "no such file")
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        if "labels" not in ds:
+            raise InputFileError(path, f"no variable 'labels' (has {sorted(ds.data_vars)})")
+        return ds["labels"].values == 1
+
+
+def compute_tracking(ctx) -> None:
+    """Stage ``tracking`` (once): particle trajectories and VOI strain curves.
+
+    Inputs: ``segmentation[Ti]/labels.nc`` (``labels``: 1 = Si) for every scan
+    and ``dic_composition/cumulative.nc``. Scenario: ``sample.voxel_size_um``,
+    ``sample.current_collector_thickness_um``, ``validation.voi_size_um``.
+    Writes ``trajectories.csv`` (per particle and scan; ``height_um`` above the
+    current collector, ``dz_um``), ``vois.csv`` and ``tracking.json``.
+    """
+    from pipeline.dic import interpolate_phi
+
+    scans = sorted({item for (stage, item) in ctx.inputs if stage == "segmentation"}, key=lambda s: int(s[1:]))
+    if not scans or scans[0] != "T0":
+        raise StageError(f"tracking: needs segmentation[T0] and later scans, got {scans}")
+    with xr.open_dataset(Path(ctx.input("dic_composition")) / "cumulative.nc", engine="h5netcdf") as ds:
+        cumulative = ds.load()
+    voxel = float(cumulative.attrs["voxel_size_um"])  # the volumes' own voxel size, as the DIC stages read it
+    grid = np.stack(np.meshgrid(cumulative["z_px"].values, cumulative["y_px"].values, cumulative["x_px"].values,
+                                indexing="ij"), -1)
+    dims, nodes = grid.shape[:3], grid.reshape(-1, 3)
+
+    def displacement_at(scan, points):
+        if scan not in cumulative["scan"].values.tolist():
+            return np.full((len(points), 3), np.nan)
+        u = np.moveaxis(cumulative.sel(scan=scan)["displacement"].values, 0, -1).reshape(-1, 3)
+        phi = np.tile(np.eye(4), (len(nodes), 1, 1))
+        phi[:, :3, 3] = u
+        return interpolate_phi(nodes, dims, phi, points)[:, :3, 3]
+
+    masks = {scan: _read_labels(Path(ctx.input("segmentation", scan)) / "labels.nc") for scan in scans}
+    rows = track(masks, displacement_at)
+    cc_um = ctx.scenario.sample.current_collector_thickness_um
+    for r in rows:
+        r["height_um"] = r["z0_px"] * voxel - cc_um
+        r["dz_um"] = r["dz_px"] * voxel
+    out = Path(ctx.out_dir)
+    _write_rows(out / "trajectories.csv", rows)
+    _, ids, centres = particles(masks["T0"])
+    labels0 = ndi.label(masks["T0"])[0]
+    sizes = ndi.sum_labels(np.ones_like(labels0), labels0, ids) if len(ids) else np.zeros(0)
+    chosen = choose_voi_particles(centres, np.asarray(sizes))
+    vois = voi_curves(cumulative, centres[chosen] * voxel, ctx.scenario.validation.voi_size_um)
+    _write_rows(out / "vois.csv", vois)
+    with atomic_path(out / "tracking.json") as tmp:
+        Path(tmp).write_text(json.dumps({"voxel_size_um": voxel, "n_particles": int(len(ids)),
+                                         "voi_particles": [int(ids[c]) for c in chosen],
+                                         "voi_size_um": ctx.scenario.validation.voi_size_um}, indent=1))
