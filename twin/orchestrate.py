@@ -39,15 +39,22 @@ def run_nodes(
         tmp.write_text(to_toml(sc))
     start = time.perf_counter()
 
-    def show(report: NodeReport) -> None:
-        where = f"{report.stage}[{report.item}]" if report.item else report.stage
-        took = f"{report.seconds:6.1f} s" if report.status == "computed" else "  cached "
-        console.print(f"  {report.status:<8} {where:<28} {took}  {report.key[:12]}", markup=False, highlight=False)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console.print(f"twin {sc.name}: cache {cache_dir}", markup=False, highlight=False)
-    with executor(sc.run) as parallel_map:
+    with executor(sc.run) as parallel_map, Progress(
+            TextColumn("stages"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("", total=None)
+
+        def show(report: NodeReport) -> None:
+            where = f"{report.stage}[{report.item}]" if report.item else report.stage
+            took = f"{report.seconds:6.1f} s" if report.status == "computed" else "  cached "
+            bar.console.print(f"  {report.status:<8} {where:<28} {took}  {report.key[:12]}", markup=False, highlight=False)
+            bar.advance(task)
+
         runner = Runner(sc, twin_stages(), cache_dir, force=force, executor=parallel_map, progress=show)
         wanted = list(targets(runner))
+        bar.update(task, total=len(runner.plan(wanted)), completed=len(runner.reports))
         results = runner.run(wanted)
     chosen = [(r.stage, r.item, r.path) for r in runner.reports] if publish_all else [(s, i, p) for (s, i), p in results.items()]
     for stage, item, path in chosen:

@@ -385,6 +385,10 @@ class Runner:
         if self.progress is not None:
             self.progress(report)
 
+    def plan(self, targets: Iterable[Node]) -> list[Node]:
+        """Every node the targets need, inputs first (what :meth:`run` will reuse or compute)."""
+        return self._topological(list(targets))
+
     def _topological(self, targets: list[Node]) -> list[Node]:
         order: list[Node] = []
         state: dict[Node, int] = {}
