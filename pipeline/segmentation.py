@@ -5,12 +5,13 @@ Public interface (the baselines in :mod:`pipeline.baselines` share it):
 * :class:`UNetSegmenter` – ``fit(images, masks, rng)`` trains on annotated 2D
   slices (augmented with the seed's list, :mod:`pipeline.augment`);
   ``probability(volume)`` runs tiled, blended, batched inference over a volume
-  of any size, slice by slice along z (the reconstruction's own (y, x)
-  slices); ``segment(volume)`` thresholds it into uint8 labels (0 background,
+  of any size, slice by slice in each of ``slice_planes`` (seed: the
+  reconstruction's own (y, x) slices; the scaled scenarios use vertical
+  (z, x) and (z, y) slices and average them); ``segment(volume)`` thresholds it into uint8 labels (0 background,
   1 Si); ``save(path)`` / :meth:`UNetSegmenter.load` round-trip a ``.keras``
   file, loaded with ``safe_mode=True``.
 * :func:`training_slices` picks the annotated slices the seed's way (tile-sized
-  crops of z slices) and :func:`degrade_annotation` mimics hand annotation.
+  crops of slices; :func:`as_plane_stack` turns a volume into the slices of a plane) and :func:`degrade_annotation` mimics hand annotation.
 * Stage functions :func:`compute_segmentation_training` (once) and
   :func:`compute_segmentation` (per scan).
 
@@ -170,6 +171,26 @@ def predict_tiled(
     return out
 
 
+# Slice planes -------------------------------------------------------------------------
+
+#: Axis order that turns a (z, y, x) volume into a stack of 2D slices of each plane:
+#: "yx" the reconstruction's own slices (stacked along z), "zx" vertical slices stacked
+#: along y, "zy" vertical slices stacked along x.
+PLANE_AXES = {"yx": (0, 1, 2), "zx": (1, 0, 2), "zy": (2, 0, 1)}
+
+
+def as_plane_stack(volume: np.ndarray, plane: str) -> np.ndarray:
+    """View a (z, y, x) volume as a stack of 2D slices of ``plane`` ("yx", "zx" or "zy")."""
+    if plane not in PLANE_AXES:
+        raise ValueError(f"plane: expected one of {sorted(PLANE_AXES)}, got {plane!r}")
+    return np.transpose(volume, PLANE_AXES[plane])
+
+
+def from_plane_stack(stack: np.ndarray, plane: str) -> np.ndarray:
+    """Inverse of :func:`as_plane_stack`: back to (z, y, x)."""
+    return np.transpose(stack, np.argsort(PLANE_AXES[plane]))
+
+
 # The U-Net segmenter -----------------------------------------------------------------
 
 
@@ -203,6 +224,11 @@ class UNetSegmenter:
         Overlap of inference tiles, fraction of the tile side.
     inference_batch_size
         Tiles per forward pass.
+    slice_planes
+        Planes the 2D network is applied to at inference ("yx": the
+        reconstruction's slices, the seed's; "zx", "zy": vertical slices);
+        with several, the probabilities are averaged. Must match the planes it
+        was trained on.
     probability_threshold
         P(Si) above which a voxel is Si.
     model
@@ -218,7 +244,8 @@ class UNetSegmenter:
     def __init__(self, *, tile_shape_px=(256, 512), depth: int = 4, base_filters: int = 16, dropout: float = 0.2,
                  epochs: int = 150, batch_size: int = 1, learning_rate: float = 1e-4, validation_split: float = 0.3,
                  augmentations_per_slice: int = 3, tile_overlap_fraction: float = 0.125,
-                 inference_batch_size: int = 8, probability_threshold: float = 0.5, model=None):
+                 inference_batch_size: int = 8, probability_threshold: float = 0.5, slice_planes=("yx",),
+                 model=None):
         self.tile_shape_px = tuple(int(n) for n in tile_shape_px)
         if any(n % 2**depth for n in self.tile_shape_px):
             raise ValueError(f"tile_shape_px: must be divisible by 2**depth = {2**depth}, got {self.tile_shape_px}")
@@ -229,6 +256,9 @@ class UNetSegmenter:
         self.tile_overlap_fraction = tile_overlap_fraction
         self.inference_batch_size = inference_batch_size
         self.probability_threshold = probability_threshold
+        self.slice_planes = tuple(slice_planes)
+        if not self.slice_planes or any(p not in PLANE_AXES for p in self.slice_planes):
+            raise ValueError(f"slice_planes: need one or more of {sorted(PLANE_AXES)}, got {slice_planes!r}")
         self.model = model
         self.history: dict = {}
 
@@ -240,7 +270,7 @@ class UNetSegmenter:
                    epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
                    validation_split=s.validation_split, augmentations_per_slice=s.augmentations_per_slice,
                    tile_overlap_fraction=s.tile_overlap_fraction, inference_batch_size=s.inference_batch_size,
-                   probability_threshold=s.probability_threshold, model=model)
+                   probability_threshold=s.probability_threshold, slice_planes=s.slice_planes, model=model)
 
     # training -------------------------------------------------------------------------
     def fit(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> UNetSegmenter:
@@ -319,19 +349,25 @@ class UNetSegmenter:
         return self.model
 
     def probability(self, volume: np.ndarray) -> np.ndarray:
-        """P(Si) of every voxel, (z, y, x) float32, from tiled, blended inference over z slices."""
+        """P(Si) of every voxel, (z, y, x) float32: tiled, blended inference over the slices of each of
+        ``slice_planes``, averaged over the planes."""
         model = self._require_model()
         volume = np.asarray(volume, dtype=np.float32)
-        if volume.ndim == 2:
-            volume = volume[None]
+        planes = self.slice_planes
+        if volume.ndim == 2:  # one image: the network is applied to it as it is
+            volume, planes = volume[None], ("yx",)
         overlap = tuple(int(round(self.tile_overlap_fraction * n)) for n in self.tile_shape_px)
         log.info("segmenting a %s volume on %s", volume.shape, tensorflow_device())
 
         def predict_batch(tiles):
             return model.predict(tiles, batch_size=self.inference_batch_size, verbose=0)
 
-        return predict_tiled(predict_batch, volume, tile_shape_px=self.tile_shape_px, overlap_px=overlap,
-                             align_px=2**self.depth)
+        total = np.zeros(volume.shape, np.float32)
+        for plane in planes:
+            stack = predict_tiled(predict_batch, as_plane_stack(volume, plane), tile_shape_px=self.tile_shape_px,
+                                  overlap_px=overlap, align_px=2**self.depth)
+            total += from_plane_stack(stack, plane)
+        return total / len(planes)
 
     def segment(self, volume: np.ndarray) -> np.ndarray:
         """Labels (z, y, x) uint8: 1 where P(Si) > the threshold, else 0."""
@@ -482,10 +518,12 @@ def compute_segmentation_training(ctx) -> None:
 
     The annotated slices are the phantom's true Si labels (``phantoms.phases.si_mask``),
     optionally degraded (``segmentation.annotation_*``), on tile-sized crops of
-    z slices of the reconstructed ``volume``. Each model gets
-    ``segmentation.n_training_slices`` slices spread round-robin over its scans
-    and, within each scan, stratified over z (so the current collector and the
-    separator are seen too).
+    slices of the reconstructed ``volume`` in the planes ``segmentation.slice_planes``
+    (seed: the (y, x) slices; vertical (z, x) and (z, y) slices each hold the
+    current collector, the electrode and the separator). Each model gets
+    ``segmentation.n_training_slices`` slices spread round-robin over its scans,
+    within a scan round-robin over the planes, and within a plane stratified
+    along its stacking axis.
 
     Reads ``ctx.input("reconstruction", scan)/volume.nc`` and
     ``ctx.input("truth", scan)/phantom.nc`` for every scan among the inputs;
@@ -520,13 +558,19 @@ def compute_segmentation_training(ctx) -> None:
             if volume.shape != truth.shape:
                 raise InputFileError(ctx.input("reconstruction", scan) / "volume.nc",
                                      f"volume shape {volume.shape} differs from the truth's {truth.shape}")
-            im, ma, where = training_slices(volume, truth, stratified_z(volume.shape[0], count, rng), rng,
-                                            tuple(sc.tile_shape_px))
-            ma = np.stack([degrade_annotation(m, rng, boundary_jitter_px=sc.annotation_boundary_jitter_px,
-                                              min_particle_area_px=sc.annotation_min_particle_area_px) for m in ma])
-            images.append(im)
-            masks.append(ma)
-            origin += [{"scan": scan, "z": z, "y0": y0, "x0": x0} for z, y0, x0 in where]
+            # the scan's slices go round-robin to the planes; within a plane they are stratified
+            for j, plane in enumerate(sc.slice_planes):
+                n_plane = count // len(sc.slice_planes) + (j < count % len(sc.slice_planes))
+                if n_plane == 0:
+                    continue
+                stack = as_plane_stack(volume, plane)
+                im, ma, where = training_slices(stack, as_plane_stack(truth, plane),
+                                                stratified_z(stack.shape[0], n_plane, rng), rng, tuple(sc.tile_shape_px))
+                ma = np.stack([degrade_annotation(m, rng, boundary_jitter_px=sc.annotation_boundary_jitter_px,
+                                                  min_particle_area_px=sc.annotation_min_particle_area_px) for m in ma])
+                images.append(im)
+                masks.append(ma)
+                origin += [{"scan": scan, "plane": plane, "index": i, "row0": r0, "col0": c0} for i, r0, c0 in where]
         images_a, masks_a = np.concatenate(images), np.concatenate(masks)
         seg = UNetSegmenter.from_scenario(sc).fit(images_a, masks_a, rng)
         seg.save(ctx.out_dir / f"model_{k}.keras")
@@ -588,7 +632,7 @@ def compute_segmentation(ctx) -> None:
     for method in dict.fromkeys([sc.method, *sc.baselines]):
         if method == "unet":
             seg = UNetSegmenter.load(training / f"model_{k}.keras", tile_shape_px=sc.tile_shape_px,
-                                     tile_overlap_fraction=sc.tile_overlap_fraction,
+                                     tile_overlap_fraction=sc.tile_overlap_fraction, slice_planes=sc.slice_planes,
                                      inference_batch_size=sc.inference_batch_size,
                                      probability_threshold=sc.probability_threshold)
         else:

@@ -20,7 +20,9 @@ SCANS = ("T0", "T1", "T2", "T3")
 # the smallest network (tracing the training graph dominates the time of these tests)
 SMALL = ["segmentation.tile_shape_px=[32,32]", "segmentation.depth=1", "segmentation.base_filters=4",
          "segmentation.epochs=1", "segmentation.n_training_slices=3", "segmentation.random_forest_n_estimators=5",
-         "segmentation.validation_split=0"]
+         "segmentation.validation_split=0",
+         # the synthetic scans are independent 2D disk slices stacked along z: only (y, x) slices make sense
+         'segmentation.slice_planes=["yx"]']
 
 
 def _write_scan(root: Path, scan: str, rng) -> tuple[Path, Path]:

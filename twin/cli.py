@@ -180,7 +180,8 @@ def segment(
     sc = _scenario(scenario, set_).segmentation
     data, path = read_volume(volume)
     seg = UNetSegmenter.load(model, tile_shape_px=sc.tile_shape_px, tile_overlap_fraction=sc.tile_overlap_fraction,
-                             inference_batch_size=sc.inference_batch_size, probability_threshold=sc.probability_threshold)
+                             inference_batch_size=sc.inference_batch_size, probability_threshold=sc.probability_threshold,
+                             slice_planes=sc.slice_planes)
     labels = seg.segment(data)
     write_labels(out_dir, labels, volume_path=path, attrs={"method": "unet", "model": str(model)})
     out.print(f"{out_dir / 'labels.nc'}: {labels.shape} voxels, Si fraction {labels.mean():.3f}", markup=False)
