@@ -83,7 +83,55 @@ def compute_validation(ctx: StageContext) -> None:
     metrics.update(dic_metrics(ctx.input("dic_composition"), phantoms, dic_dirs=dic_dirs,
                                tracking_dir=ctx.input("tracking")))
     metrics.update(runtime_metrics(ctx))
+    metrics.update(_resolution_mechanism_figures(ctx, scans, phantoms))
     write_metrics(metrics, ctx.out_dir)
+
+
+def most_charged_scan(schedule_csv: Path) -> str:
+    """The scan with the most charge passed (``schedule.csv`` ``charge_mah``): the deepest lithiation, known without the truth."""
+    import pandas as pd
+
+    table = pd.read_csv(schedule_csv)
+    if "cell_id" in table:
+        table = table[table["cell_id"] == table["cell_id"].iloc[0]]
+    return str(table.loc[table["charge_mah"].idxmax(), "name"])
+
+
+def _resolution_mechanism_figures(ctx: StageContext, scans: list[str], phantoms: dict[str, Path]) -> dict[str, float]:
+    """Resolution (Fig S8), the mechanism classifier, and the figures report.html embeds (strain, VOIs, trajectories)."""
+    import pandas as pd
+    import xarray as xr
+
+    from validation import figures
+    from validation.mechanism import mechanism_metrics
+    from validation.resolution_scores import FWHM_PER_SIGMA, resolution_metrics
+
+    out = Path(ctx.out_dir)
+    voxel_um = ctx.scenario.sample.voxel_size_um
+    first = scans[0]
+    metrics, example = resolution_metrics(ctx.scenario, phantoms[first], ctx.input("reconstruction", first) / "volume.nc",
+                                          ctx.input("segmentation", first) / "labels.nc")
+    figures.resolution_figure(example, metrics, voxel_um, out / "resolution.png")
+
+    charged = most_charged_scan(ctx.input("rehearsal") / "schedule.csv")
+    # the classifier's synthetic particles get the blur the reconstruction was measured to have
+    blur_sigma_px = metrics["recon.resolution_fwhm_nm"] / FWHM_PER_SIGMA / (voxel_um * 1e3)
+    metrics.update(mechanism_metrics(ctx.input("reconstruction", charged) / "volume.nc",
+                                     ctx.input("segmentation", charged) / "labels.nc", phantoms[charged],
+                                     ctx.input("truth", charged) / "particles.csv", blur_sigma_px=blur_sigma_px, rng=ctx.rng))
+
+    with xr.open_dataset(Path(ctx.input("dic_composition")) / "cumulative.nc", engine="h5netcdf") as ds:
+        cumulative = ds.load()
+    if charged in cumulative["scan"].values.tolist():
+        figures.strain_figure(cumulative, charged, phantoms[charged], out / "strain.png")
+    tracking = Path(ctx.input("tracking"))
+    vois = pd.read_csv(tracking / "vois.csv")
+    if len(vois) and "voi" in vois:
+        figures.voi_strain_figure(vois, cumulative, phantoms, ctx.scenario.validation.voi_size_um, out / "voi_strain.png")
+    trajectories = pd.read_csv(tracking / "trajectories.csv")
+    if len(trajectories) and "dz_um" in trajectories:
+        figures.trajectories_figure(trajectories, phantoms, voxel_um, out / "trajectories.png")
+    return metrics
 
 
 def write_metrics(metrics: dict[str, float], out_dir: Path) -> None:
