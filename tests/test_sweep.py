@@ -95,3 +95,43 @@ def test_killed_sweep_resumes_from_what_finished(tmp_path, counter, monkeypatch)
     assert recomputed == {"scaled[T0]", "scaled[T1]", "scaled[T2]", "noise[T0]", "noise[T1]", "noise[T2]", "summary"}
     assert np.isfinite(ds["summary.total"].values).all()
     np.testing.assert_array_equal(ds["summary.total"].values[:2], partial["summary.total"].values[:2])
+
+
+def test_sweep_runs_on_a_separately_started_dask_scheduler(tmp_path, counter):
+    """A scheduler and two workers started as their own processes on loopback, as a user would on a cluster."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(dummy)
+    dask_cli = shutil.which("dask", path=str(Path(sys.executable).parent)) or shutil.which("dask")
+    assert dask_cli, "the `dask` command of dask.distributed is not installed"
+    env = dict(os.environ)
+    log = tmp_path / "scheduler.log"
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)]
+    try:
+        deadline = time.time() + 60
+        address = None
+        while address is None:
+            assert time.time() < deadline, log.read_text()
+            found = re.search(r"Scheduler at:\s+(tcp://127\.0\.0\.1:\d+)", log.read_text())
+            address = found.group(1) if found else None
+            time.sleep(0.2)
+        procs.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", "2", "--nthreads", "1",
+                                       "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        remote = _sweep(tmp_path / "remote", ["reconstruction.delta_beta=100,200"],
+                        overrides=[f'run.scheduler="{address}"'])
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    local = _sweep(tmp_path / "local", ["reconstruction.delta_beta=100,200"])
+    np.testing.assert_array_equal(remote["summary.total"].values, local["summary.total"].values)
