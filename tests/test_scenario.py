@@ -218,7 +218,7 @@ def malformed_scenarios(draw):
     return data
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(malformed_scenarios())
 def test_malformed_scenarios_raise_only_scenario_errors(data):
     try:
@@ -239,7 +239,7 @@ _override_text = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.lists(_override_text, min_size=1, max_size=3))
 def test_any_set_string_gives_a_scenario_or_a_scenario_error(overrides):
     try:
