@@ -110,18 +110,8 @@ def resolution_figure(example: dict, metrics: dict[str, float], voxel_size_um: f
     return _save(fig, path)
 
 
-_TRUE_STRAIN: dict = {}
-
-
-def _true_strain(cumulative: xr.Dataset, phantom_nc: Path):
-    """spam's Q8 strain of the true displacement at the DIC nodes (computed once per phantom and node grid)."""
-    key = (str(phantom_nc), *(cumulative[c].values.tobytes() for c in ("z_px", "y_px", "x_px")))
-    if key not in _TRUE_STRAIN:
-        _TRUE_STRAIN[key] = _compute_true_strain(cumulative, phantom_nc)
-    return _TRUE_STRAIN[key]
-
-
-def _compute_true_strain(cumulative: xr.Dataset, phantom_nc: Path):
+def true_strain(cumulative: xr.Dataset, phantom_nc: Path):
+    """spam's Q8 strain of the true displacement sampled at the DIC nodes of ``cumulative`` (the truth at the DIC's resolution)."""
     from pipeline.strain import strain_field
     from validation.dic_scores import true_displacement_at
 
@@ -130,10 +120,10 @@ def _compute_true_strain(cumulative: xr.Dataset, phantom_nc: Path):
     return strain_field(grid.reshape(-1, 3), grid.shape[:3], true_displacement_at(phantom_nc, grid.reshape(-1, 3)))
 
 
-def strain_figure(cumulative: xr.Dataset, scan: str, phantom_nc: Path, path: Path) -> Path:
-    """Central x–z slice (middle y cell) of cumulative volumetric and axial strain at ``scan``: DIC, truth, difference."""
+def strain_figure(cumulative: xr.Dataset, scan: str, true, path: Path) -> Path:
+    """Central x–z slice (middle y cell) of cumulative volumetric and axial strain at ``scan``: DIC, truth
+    (``true``: :func:`true_strain` of that scan), difference."""
     plt = _plt()
-    true = _true_strain(cumulative, phantom_nc)
     sub = cumulative.sel(scan=scan)
     j = sub["volumetric_strain"].shape[1] // 2
     zc, xc = cumulative["z_cell"].values, cumulative["x_cell"].values
@@ -153,13 +143,14 @@ def strain_figure(cumulative: xr.Dataset, scan: str, phantom_nc: Path, path: Pat
     return _save(fig, path)
 
 
-def voi_strain_figure(vois: pd.DataFrame, cumulative: xr.Dataset, phantoms: dict[str, Path], edge_um: float,
-                      path: Path) -> Path:
-    """Fig S12 analogue: mean volumetric and axial strain of each VOI against scan, DIC (lines) and truth (dashed)."""
+def voi_strain_figure(vois: pd.DataFrame, cumulative: xr.Dataset, true: dict, edge_um: float, path: Path) -> Path:
+    """Fig S12 analogue: mean volumetric and axial strain of each VOI against scan, DIC (lines) and truth (dashed).
+
+    ``true`` maps scan names to :func:`true_strain`; scans missing from it are drawn at zero strain (T0).
+    """
     plt = _plt()
     scans = list(dict.fromkeys(vois["scan"]))
     zc, yc, xc = (cumulative[c].values for c in ("z_cell", "y_cell", "x_cell"))
-    true = {s: _true_strain(cumulative, phantoms[s]) for s in scans if s in phantoms and s in cumulative["scan"].values}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for k, voi in vois.groupby("voi"):
         centre = voi[["z_um", "y_um", "x_um"]].values[0]

@@ -122,12 +122,14 @@ def _resolution_mechanism_figures(ctx: StageContext, scans: list[str], phantoms:
 
     with xr.open_dataset(Path(ctx.input("dic_composition")) / "cumulative.nc", engine="h5netcdf") as ds:
         cumulative = ds.load()
-    if charged in cumulative["scan"].values.tolist():
-        figures.strain_figure(cumulative, charged, phantoms[charged], out / "strain.png")
+    # the true strain at the DIC nodes, once per scan, shared by both figures
+    true = {s: figures.true_strain(cumulative, phantoms[s]) for s in cumulative["scan"].values.tolist() if s in phantoms}
+    if charged in true:
+        figures.strain_figure(cumulative, charged, true[charged], out / "strain.png")
     tracking = Path(ctx.input("tracking"))
     vois = pd.read_csv(tracking / "vois.csv")
     if len(vois) and "voi" in vois:
-        figures.voi_strain_figure(vois, cumulative, phantoms, ctx.scenario.validation.voi_size_um, out / "voi_strain.png")
+        figures.voi_strain_figure(vois, cumulative, true, ctx.scenario.validation.voi_size_um, out / "voi_strain.png")
     trajectories = pd.read_csv(tracking / "trajectories.csv")
     if len(trajectories) and "dz_um" in trajectories:
         figures.trajectories_figure(trajectories, phantoms, voxel_um, out / "trajectories.png")
