@@ -343,7 +343,23 @@ def compute_reconstruction(ctx) -> None:
     output grid is the phantom's, recorded in the file by the holograms stage.
     """
     sc = ctx.scenario
-    source = Path(ctx.input("holograms", ctx.item)) / "scan.nx"
-    result = reconstruct_file(source, sc.reconstruction, expected_distances_m=sc.beamline.propagation_distances_m,
-                              workers=sc.run.workers)
+    if sc.oracle.true_delta:
+        result = true_delta_result(Path(ctx.input("truth", ctx.item)) / "phantom.nc", sc.reconstruction)
+    else:
+        source = Path(ctx.input("holograms", ctx.item)) / "scan.nx"
+        result = reconstruct_file(source, sc.reconstruction, expected_distances_m=sc.beamline.propagation_distances_m,
+                                  workers=sc.run.workers)
     write_volume(result, ctx.out_dir, attrs={"scan": ctx.item or ""})
+
+
+def true_delta_result(phantom_nc: Path, params: Reconstruction) -> ReconstructionResult:
+    """The error budget's oracle reconstruction: the phantom's true δ, equalized as a reconstruction would be."""
+    import xarray as xr
+
+    from twin.io import NETCDF_ENGINE
+
+    with xr.open_dataset(phantom_nc, engine=NETCDF_ENGINE) as truth:
+        delta = truth["delta"].values.astype(np.float32)
+        voxel_size_um = float(truth.attrs["voxel_size_um"])
+    volume = equalize(delta) if params.equalize_histogram else delta.copy()
+    return ReconstructionResult(delta=delta, volume=volume, voxel_size_um=voxel_size_um, info={"oracle": "true_delta"})

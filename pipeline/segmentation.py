@@ -624,6 +624,9 @@ def compute_segmentation(ctx) -> None:
 
     sc = ctx.scenario.segmentation
     scan = ctx.item
+    if ctx.scenario.oracle.true_labels:
+        write_true_labels(ctx.input("truth", scan) / "phantom.nc", ctx.out_dir, scan=scan)
+        return
     volume_path = ctx.input("reconstruction", scan) / "volume.nc"
     volume = _read_variable(volume_path, "volume")
     training = ctx.input("segmentation_training")
@@ -642,6 +645,14 @@ def compute_segmentation(ctx) -> None:
     write_labels(ctx.out_dir, results[sc.method], volume_path=volume_path,
                  extra={f"labels_{m}": v for m, v in results.items() if m != sc.method},
                  attrs={"method": sc.method, "model": f"model_{k}.keras" if sc.method == "unet" else "", "scan": scan})
+
+
+def write_true_labels(phantom_nc: Path, out_dir: Path, *, scan: str) -> None:
+    """The error budget's oracle segmentation: the phantom's true Si mask, written as a segmentation would be."""
+    from phantoms.phases import si_mask
+
+    phase = _read_variable(phantom_nc, "phase")
+    write_labels(out_dir, si_mask(phase), volume_path=phantom_nc, attrs={"method": "oracle", "model": "", "scan": scan})
 
 
 def write_labels(out_dir: Path, labels: np.ndarray, *, volume_path: Path | None = None, extra=None, attrs=None) -> None:

@@ -183,6 +183,27 @@ def test_frames_have_expected_counts_and_noise(small_scan):
     assert var == pytest.approx(expected_flat * (1 + b.gain_sigma**2), rel=0.15)
 
 
+def test_noise_free_oracle_frames_flat_field_to_the_exact_holograms():
+    """Oracle holograms: with the beam steady, (projection − dark)/(flat − dark) is the noise-free intensity exactly,
+    while the gain pattern and illumination non-uniformity (kept: they are not noise) are still in the raw frames."""
+    sc = load_scenario("tiny", ["beamline.n_projections=6", "beamline.n_flats=2", "beamline.n_darks=2",
+                                "beamline.beam_drift_fraction=0", "beamline.unstable_pixel_fraction=0",
+                                "oracle.noise_free_holograms=true"])
+    shape = (12, 16, 16)
+    vol = _supersampled_ellipsoid(shape, (5.5, 7.5, 8.0), (4.0, 5.0, 5.0), factor=2)
+    delta, beta = (4.5e-7 * vol).astype(np.float32), (4.5e-7 / 477 * vol).astype(np.float32)
+    inst = Instrument(sc, volume_shape=shape)
+    intensities = inst.holograms(*inst.line_integrals(delta, beta))
+    frames = inst.simulate(delta, beta, rng=np.random.default_rng(5))
+    for stack, fr in zip(intensities, frames):
+        keys, data = fr["image_key"], fr["data"].astype(np.float64)
+        dark, flat = data[keys == 2], data[keys == 1]
+        assert np.ptp(dark, axis=0).max() == 0 and np.ptp(flat, axis=0).max() == 0  # no frame-to-frame noise
+        assert flat[0].std() / flat[0].mean() > 0.01  # fixed pattern kept
+        corrected = (data[keys == 0] - dark[0]) / (flat[0] - dark[0])
+        np.testing.assert_allclose(corrected, stack, rtol=1e-5)
+
+
 def test_nxtomo_file_opens_in_nabu_and_nxtomo(small_scan):
     from nabu.resources.dataset_analyzer import analyze_dataset
     from nxtomo.application.nxtomo import NXtomo

@@ -31,7 +31,12 @@ def run_dir(tmp_path):
     rng = np.random.default_rng(0)
     xr.Dataset({"delta": (("z", "y", "x"), rng.random((12, 10, 10)).astype("f4"))}).to_netcdf(
         d / "T0" / "phantom.nc", engine="h5netcdf")
-    (d / "metrics.json").write_text(json.dumps({"segmentation.dice_si.mean": 0.95, "budget.segmentation.dic": 0.1}))
+    from validation.budget import BUDGET_METRICS, ORACLES, error_budget
+
+    base = {"segmentation.dice_si.mean": 0.95} | {m: 0.4 for m in BUDGET_METRICS}
+    ablations = {stage: {m: 0.3 - 0.1 * k for m in BUDGET_METRICS} for k, (stage, _) in enumerate(ORACLES)}
+    (d / "metrics.json").write_text(json.dumps(base | error_budget(base, ablations)))
+    (d / "budget.json").write_text(json.dumps({"ablations": ablations}))
     return d
 
 
@@ -39,7 +44,9 @@ def test_report_embeds_everything(run_dir):
     page = build_report(run_dir).read_text()
     assert "src=\"data:image/png;base64," in page
     assert "file://" not in page and "src=\"/" not in page  # self-contained
-    assert "segmentation.dice_si.mean" in page and "budget.segmentation.dic" in page
+    assert "segmentation.dice_si.mean" in page
+    assert 'alt="error budget"' in page and "truth up to reconstruction" in page  # chart and ablation table
+    assert "0.1 (25 %)" in page  # noise-free holograms remove 0.1 of the run's 0.4
     assert "Not produced by this run: strain.png" in page  # missing products are said, not hidden
 
 

@@ -56,6 +56,25 @@ def test_accuracy_stays_within_the_regression_bounds(tiny_run):
     assert not problems, "\n".join(problems)
 
 
+def test_error_budget_substitutes_the_truth_and_adds_up(tiny_run):
+    from validation.budget import BUDGET_METRICS, ORACLES, REMAINDER
+
+    record = json.loads((tiny_run / "budget.json").read_text())
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    ablations = record["ablations"]
+    assert list(ablations) == [s for s, _ in ORACLES]
+    # the oracles really substitute the truth: the true δ correlates perfectly, the true labels score Dice 1
+    assert ablations["reconstruction"]["recon.delta_pearson.mean"] == pytest.approx(1.0, abs=1e-6)
+    assert ablations["segmentation"]["segmentation.dice_si.mean"] == pytest.approx(1.0)
+    assert ablations["holograms"]["dic.noise_floor_vx"] < metrics["dic.noise_floor_vx"]  # no photon noise
+    for m in BUDGET_METRICS:
+        parts = [metrics[f"budget.{s}.{m}"] for s in [s for s, _ in ORACLES] + [REMAINDER]]
+        assert sum(parts) == pytest.approx(metrics[m], rel=1e-9)
+    for m in ("dic.displacement_rmse_vx.max", "dic.volumetric_strain_mae.max"):
+        assert metrics[f"budget.segmentation.{m}"] == 0.0  # DIC never reads the segmentation
+    assert (tiny_run / "budget" / "holograms" / "metrics.json").is_file()
+
+
 def test_a_rerun_reuses_every_stage(tiny_run):
     res = _run(tiny_run)
     assert res.returncode == 0, res.stderr[-3000:]

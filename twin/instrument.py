@@ -200,7 +200,8 @@ class Instrument:
     Parameters
     ----------
     scenario : Scenario
-        Reads ``beamline.*`` and ``sample.voxel_size_um``.
+        Reads ``beamline.*``, ``sample.voxel_size_um`` and ``oracle.noise_free_holograms``
+        (expected counts instead of Poisson draws, no read noise: the error budget's oracle).
     volume_shape : tuple of int, optional
         ``(nz, ny, nx)``; default ``scenario.volume_shape``.
 
@@ -364,8 +365,12 @@ class Instrument:
         frames = np.empty((keys.size,) + shape, np.float32)
         n_lit = max(keys.size - b.n_darks - 1, 1)
         i_proj = 0
+        noise_free = self.scenario.oracle.noise_free_holograms
         for i, key in enumerate(keys):
-            dark = rng.poisson(self.dark_counts, size=shape) + b.dark_offset_counts + self.read_noise_counts * rng.standard_normal(shape)
+            if noise_free:
+                dark = np.full(shape, self.dark_counts + b.dark_offset_counts)
+            else:
+                dark = rng.poisson(self.dark_counts, size=shape) + b.dark_offset_counts + self.read_noise_counts * rng.standard_normal(shape)
             if key == DARK:
                 frames[i] = dark
                 continue
@@ -377,7 +382,8 @@ class Instrument:
                 this_gain = gain_projection
             else:
                 this_gain = gain
-            frames[i] = this_gain * rng.poisson(np.maximum(expected, 0.0)) + dark
+            counts = np.maximum(expected, 0.0) if noise_free else rng.poisson(np.maximum(expected, 0.0))
+            frames[i] = this_gain * counts + dark
         return {"data": frames, "image_key": keys, "rotation_angle_deg": angles, "count_time_s": np.full(keys.size, b.exposure_s)}
 
     def simulate(self, delta: np.ndarray, beta: np.ndarray, *, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -417,6 +423,7 @@ class Instrument:
             "photons_per_pixel": self.photons_per_pixel,
             "binning": self.binning,
             "fresnel_numbers": [p.fresnel_number for p in self.propagators],
+            "noise_free": self.scenario.oracle.noise_free_holograms,
         }
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from twin.io import atomic_path
 from twin.parallel import executor
 from twin.runner import Node, NodeReport, Runner, publish
-from twin.scenario import Scenario, to_toml
+from twin.scenario import Scenario, to_toml, validate
 from twin.stages import scans, twin_stages
 
 
@@ -85,9 +85,49 @@ def scan_targets(stage: str, scan: str | None) -> Callable[[Runner], list[Node]]
 
 
 def run_twin(sc: Scenario, out_dir: Path, *, force: Sequence[str] = (), console: Console | None = None) -> Runner:
-    """`twin run`: every stage for every scan, everything published under ``out_dir``, then ``report.html``."""
+    """`twin run`: every stage for every scan, everything published under ``out_dir``, then ``report.html``.
+
+    With ``validation.error_budget`` (and no oracle already switched on) the
+    chain is rerun with the truth substituted stage by stage
+    (:mod:`validation.budget`); each ablation's validation outputs go to
+    ``out_dir/budget/<stage>/``, the ``budget.*`` metrics into ``metrics.json``,
+    and everything into ``budget.json``.
+    """
     from validation.report import build_report
 
     runner = run_nodes(sc, out_dir, lambda r: [("validation", None)], force=force, console=console, publish_all=True)
+    if sc.validation.error_budget and not any(sc.oracle.model_dump().values()):
+        run_error_budget(sc, Path(out_dir), runner.cache.root, force=force, console=console)
     build_report(out_dir)
     return runner
+
+
+def run_error_budget(sc: Scenario, out_dir: Path, cache_dir: Path, *, force: Sequence[str] = (),
+                     console: Console | None = None) -> dict[str, float]:
+    """Run the oracle ablations through the shared cache and merge ``budget.*`` into ``out_dir/metrics.json``.
+
+    Upstream nodes an ablation does not change (rehearsal, truth, and for the
+    later ablations the holograms) keep their keys and are reused from the run.
+    """
+    from validation.budget import error_budget, oracle_overrides
+    from validation.metrics import write_metrics
+
+    console = console or Console(stderr=True)
+    base = json.loads((out_dir / "metrics.json").read_text())
+    ablations: dict[str, dict[str, float]] = {}
+    for stage, fields in oracle_overrides():
+        data = sc.model_dump(mode="json")
+        for dotted in fields:
+            section, name = dotted.split(".")
+            data[section][name] = True
+        data["run"]["cache_dir"] = str(cache_dir)
+        variant = validate(data, source=f"{sc.name} with the truth up to {stage}")
+        console.print(f"error budget: truth substituted up to {stage} ({', '.join(fields)})", markup=False, highlight=False)
+        target = out_dir / "budget" / stage
+        run_nodes(variant, target, lambda r: [("validation", None)], force=force, console=console)
+        ablations[stage] = json.loads((target / "metrics.json").read_text())
+    budget = error_budget(base, ablations)
+    with atomic_path(out_dir / "budget.json") as tmp:
+        tmp.write_text(json.dumps({"base": base, "ablations": ablations, "budget": budget}, indent=1, allow_nan=True))
+    write_metrics({k: v for k, v in base.items() if not k.startswith("budget.")} | budget, out_dir)
+    return budget

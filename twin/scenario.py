@@ -282,6 +282,19 @@ class Validation(_Section):
 
     tolerances_file: str | None = Field(None, description="TOML of metric bounds; default: the package's validation/tolerances.toml.")
     voi_size_um: PositiveFloat = Field(15.0, description="Edge of the particle-centred VOIs (Fig S12).")
+    error_budget: bool = Field(
+        True, description="`twin run` also reruns the chain with the truth substituted stage by stage (the `oracle` section)"
+        " and reports how much of each final error every stage contributes (budget.<stage>.<metric>).")
+
+
+class Oracle(_Section):
+    """Truth substituted for a stage's product: the error budget's ablations. All off in a real twin."""
+
+    noise_free_holograms: bool = Field(
+        False, description="Holograms without photon, dark-current and read noise (blur, detector defects, drift and rings kept).")
+    true_delta: bool = Field(
+        False, description="The reconstruction stage returns the true δ (histogram-equalized like a reconstruction) instead of reconstructing.")
+    true_labels: bool = Field(False, description="The segmentation stage returns the true Si mask instead of segmenting.")
 
 
 class Run(_Section):
@@ -306,6 +319,7 @@ class Scenario(_Section):
     segmentation: Segmentation = Segmentation()
     dic: DIC = DIC()
     validation: Validation = Validation()
+    oracle: Oracle = Oracle()
     run: Run = Run()
 
     @model_validator(mode="after")

@@ -81,6 +81,49 @@ def _missing(what: str) -> str:
     return f'<p class="missing">Not produced by this run: {html.escape(what)}.</p>'
 
 
+#: Metrics shown for the run and each oracle ablation side by side.
+_ABLATION_METRICS = ("recon.delta_pearson.mean", "segmentation.dice_si.mean", "dic.displacement_rmse_vx.max",
+                     "dic.volumetric_strain_mae.max", "tracking.axial_displacement_rmse_um", "lithiation.mechanism_accuracy")
+
+
+def _budget_section(run_dir: Path, values: dict, budget: dict) -> list[str]:
+    """The budget table, a bar chart of each stage's share, and the run next to each ablation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from validation.budget import BUDGET_METRICS, ORACLES, REMAINDER, budget_columns, budget_table
+
+    parts = ["<p>Each column: how much of the run's error disappears when that stage's product is replaced by the truth, "
+             "given perfect products upstream (oracle ablation, in data-flow order; <code>dic</code> is what is left). "
+             "The contributions add up to the run's error.</p>",
+             _table(budget_table(values, budget), budget_columns())]
+    stages = [s for s, _ in ORACLES] + [REMAINDER]
+    metrics = [m for m in BUDGET_METRICS if f"budget.{REMAINDER}.{m}" in budget and values.get(m)]
+    if metrics:
+        fig, ax = plt.subplots(figsize=(8, 0.6 + 0.6 * len(metrics)))
+        left_pos, left_neg = np.zeros(len(metrics)), np.zeros(len(metrics))
+        for stage in stages:
+            share = np.array([100 * budget[f"budget.{stage}.{m}"] / values[m] for m in metrics])
+            left = np.where(share >= 0, left_pos, left_neg)
+            ax.barh(range(len(metrics)), share, left=left, label=stage)
+            left_pos, left_neg = left_pos + np.maximum(share, 0), left_neg + np.minimum(share, 0)
+        ax.set_yticks(range(len(metrics)), metrics, fontsize=8)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel("share of the run's error, %")
+        ax.legend(ncol=len(stages), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(metrics) < 3 else -0.2))
+        parts.append(f'<img alt="error budget" src="{_png(fig)}">')
+    record = run_dir / "budget.json"
+    if record.exists():
+        ablations = json.loads(record.read_text()).get("ablations", {})
+        header = ["metric", "run"] + [f"truth up to {s}" for s in ablations]
+        rows = [[m, f"{values.get(m, float('nan')):.4g}"] + [f"{a.get(m, float('nan')):.4g}" for a in ablations.values()]
+                for m in _ABLATION_METRICS]
+        parts.append(_table(rows, header))
+    return parts
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` from the run's published files and return its path."""
     run_dir = Path(run_dir)
@@ -130,8 +173,7 @@ def build_report(run_dir: str | Path) -> Path:
         rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in sorted(values.items()) if k not in budget]
         parts.append(_table(rows, ["metric", "value"]))
         parts.append("<h2>Error budget</h2>")
-        parts.append(_table([[k, f"{v:.4g}"] for k, v in sorted(budget.items())], ["stage.metric", "value"])
-                     if budget else _missing("error budget"))
+        parts.extend(_budget_section(run_dir, values, budget) if budget else [_missing("error budget (validation.error_budget)")])
     else:
         parts.append(_missing("metrics.json"))
 
