@@ -79,3 +79,46 @@ def dummy_stages(slow: bool = False) -> list[Stage]:
               needs=lambda item, r: [("scaled", item)], items=lambda r: ITEMS),
         Stage("summary", 1, (), compute_summary, needs=lambda item, r: [("noise", i) for i in ITEMS]),
     ]
+
+
+def compute_chunked(ctx: StageContext) -> None:
+    """Writes its output in several flushed chunks with pauses, so a SIGKILL can land mid-write."""
+    _count(ctx)
+    rng = np.random.default_rng([ctx.scenario.run.seed, len(ctx.inputs)])
+    upstream = sum((np.load(p / "chunk.npy") for _, p in sorted(ctx.inputs.items(), key=str)), np.zeros(64))
+    np.save(ctx.out_dir / "chunk.npy", upstream + ctx.rng.normal(size=64))
+    with open(ctx.out_dir / "payload.bin", "wb") as fh:
+        for _ in range(4):
+            fh.write(rng.bytes(50_000))
+            fh.flush()
+            time.sleep(0.02)
+
+
+def chunked_stages() -> list[Stage]:
+    """A ten-node DAG of slow, chunked writers (source -> a[T0..T2] -> b[T0..T2] -> c[T0..T2] -> summary-like join)."""
+    return [
+        Stage("source", 1, ("sample.voxel_size_um",), compute_chunked),
+        Stage("a", 1, ("reconstruction.delta_beta",), compute_chunked,
+              needs=lambda item, r: [("source", None)], items=lambda r: ITEMS),
+        Stage("b", 1, ("beamline.exposure_s",), compute_chunked,
+              needs=lambda item, r: [("a", item)], items=lambda r: ITEMS),
+        Stage("join", 1, (), compute_chunked, needs=lambda item, r: [("b", i) for i in ITEMS]),
+    ]
+
+
+def compute_stalling_once(ctx: StageContext) -> None:
+    """The first execution anywhere records its process id and stalls (to be killed); later ones run normally."""
+    marker = Path(os.environ[COUNTER_ENV]) / "stalled"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        time.sleep(60)
+    compute_chunked(ctx)
+
+
+def stalling_stages() -> list[Stage]:
+    """:func:`chunked_stages` whose ``a`` nodes stall once, for killing the process that runs them."""
+    stages = chunked_stages()
+    a = stages[1]
+    stages[1] = Stage(a.name, a.version, a.reads, compute_stalling_once, needs=a.needs, items=a.items)
+    return stages

@@ -99,33 +99,11 @@ def test_killed_sweep_resumes_from_what_finished(tmp_path, counter, monkeypatch)
 
 def test_sweep_runs_on_a_separately_started_dask_scheduler(tmp_path, counter):
     """A scheduler and two workers started as their own processes on loopback, as a user would on a cluster."""
-    import os
-    import re
-    import shutil
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(dummy)
-    dask_cli = shutil.which("dask", path=str(Path(sys.executable).parent)) or shutil.which("dask")
-    assert dask_cli, "the `dask` command of dask.distributed is not installed"
-    env = dict(os.environ)
-    log = tmp_path / "scheduler.log"
-    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
-                              stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)]
+    address, procs = _start_dask(tmp_path, 2)
     try:
-        deadline = time.time() + 60
-        address = None
-        while address is None:
-            assert time.time() < deadline, log.read_text()
-            found = re.search(r"Scheduler at:\s+(tcp://127\.0\.0\.1:\d+)", log.read_text())
-            address = found.group(1) if found else None
-            time.sleep(0.2)
-        procs.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", "2", "--nthreads", "1",
-                                       "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         remote = _sweep(tmp_path / "remote", ["reconstruction.delta_beta=100,200"],
                         overrides=[f'run.scheduler="{address}"'])
     finally:
@@ -135,3 +113,78 @@ def test_sweep_runs_on_a_separately_started_dask_scheduler(tmp_path, counter):
             p.wait(timeout=30)
     local = _sweep(tmp_path / "local", ["reconstruction.delta_beta=100,200"])
     np.testing.assert_array_equal(remote["summary.total"].values, local["summary.total"].values)
+
+
+def _join_total(runner):
+    return {"join.total": float(np.load(runner.output("join") / "chunk.npy").sum())}
+
+
+def _start_dask(tmp_path, n_workers: int):
+    """A scheduler and workers (with nannies) as their own processes on loopback; returns (address, processes)."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    dask_cli = shutil.which("dask", path=str(Path(sys.executable).parent)) or shutil.which("dask")
+    assert dask_cli, "the `dask` command of dask.distributed is not installed"
+    log = tmp_path / "scheduler.log"
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=open(log, "w"))]
+    deadline = time.time() + 60
+    address = None
+    while address is None:
+        assert time.time() < deadline, log.read_text()
+        found = re.search(r"Scheduler at:\s+(tcp://127\.0\.0\.1:\d+)", log.read_text())
+        address = found.group(1) if found else None
+        time.sleep(0.2)
+    procs.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", str(n_workers), "--nthreads", "1",
+                                   "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return address, procs
+
+
+@pytest.mark.slow
+def test_sweep_completes_when_a_dask_worker_is_killed_mid_node(tmp_path, counter):
+    """SIGKILL the worker process that is computing a node: Dask reschedules it, the sweep completes, results equal."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(dummy)
+    address, procs = _start_dask(tmp_path, 2)
+    result, failure = {}, []
+
+    def sweep():
+        try:
+            result["ds"] = run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200")], tmp_path / "remote",
+                                     stages=dummy.stalling_stages, targets=[("join", None)], metrics_of=_join_total,
+                                     overrides=[f'run.scheduler="{address}"'])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+
+    try:
+        thread = threading.Thread(target=sweep)
+        thread.start()
+        marker = counter / "stalled"
+        deadline = time.time() + 120
+        while not marker.exists() or not marker.read_text():
+            assert time.time() < deadline and thread.is_alive(), failure
+            time.sleep(0.1)
+        victim = int(marker.read_text())
+        assert victim != os.getpid(), "the stalled node ran in the test process, not on a Dask worker"
+        os.kill(victim, signal.SIGKILL)
+        thread.join(timeout=300)
+        assert not thread.is_alive() and not failure, failure
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    local = run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200")], tmp_path / "local",
+                      stages=dummy.chunked_stages, targets=[("join", None)], metrics_of=_join_total)
+    np.testing.assert_array_equal(result["ds"]["join.total"].values, local["join.total"].values)

@@ -222,10 +222,12 @@ class Cache:
     def discard(self, stage: str, key: str) -> None:
         """Move an untrusted entry aside, then delete it (rename first: never leave it half-deleted at its name)."""
         path = self.entry(stage, key)
-        if path.exists():
-            trash = path.parent / f".trash-{key[:16]}-{uuid.uuid4().hex[:8]}"
+        trash = path.parent / f".trash-{key[:16]}-{uuid.uuid4().hex[:8]}"
+        try:
             os.rename(path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        except FileNotFoundError:  # absent, or another process discarded it first
+            return
+        shutil.rmtree(trash, ignore_errors=True)
 
     def sweep_tmp(self, older_than_s: float = 0.0) -> int:
         """Remove leftovers of killed writes. Returns how many were removed."""
@@ -434,9 +436,14 @@ def _execute(stage: Stage, item: str | None, scenario: Scenario, cache_root: str
             "fields": {f: scenario.get(f) for f in stage.reads},
             "inputs": {f"{s}[{i}]" if i else s: Path(p).name for (s, i), p in inputs.items()},
             "created_unix": time.time(), "provenance": provenance(scenario)}
-    if forced:
-        cache.discard(stage.name, key)
-    path = cache.commit(stage.name, key, tmp, meta)
+    try:
+        if forced:
+            cache.discard(stage.name, key)
+        path = cache.commit(stage.name, key, tmp, meta)
+    except OSError as exc:  # disk full, quota, permissions: say where, leave nothing that looks finished
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StageError(f"stage {stage.name!r}{f' [{item}]' if item else ''}: could not store its output in the cache "
+                         f"{cache.root}: {exc.strerror or exc}") from exc
     return str(path), seconds
 
 

@@ -1,0 +1,143 @@
+"""Reliability of the cache under faults: SIGKILL at random moments, concurrent runs sharing a cache, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import _dummy_stages as dummy
+from twin.errors import StageError
+from twin.io import atomic_path
+from twin.runner import MANIFEST, Cache, Runner
+from twin.scenario import load_scenario
+
+TARGET = [("join", None)]
+TESTS = str(Path(__file__).parent)
+
+_RUN_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import _dummy_stages as dummy
+from twin.runner import Runner
+from twin.scenario import load_scenario
+Runner(load_scenario("tiny", {overrides!r}), dummy.chunked_stages(), {cache!r}).run([("join", None)])
+"""
+
+
+@pytest.fixture
+def counter(tmp_path, monkeypatch):
+    path = tmp_path / "counter"
+    monkeypatch.setenv(dummy.COUNTER_ENV, str(path))
+    return path
+
+
+def _start(cache: Path, overrides=()) -> subprocess.Popen:
+    script = _RUN_SCRIPT.format(tests=TESTS, cache=str(cache), overrides=list(overrides))
+    return subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ), stderr=subprocess.PIPE)
+
+
+def _outputs(cache: Path, overrides=()) -> dict[str, bytes]:
+    """Every file of every node the target needs, by node and name (computing what is missing)."""
+    runner = Runner(load_scenario("tiny", list(overrides)), dummy.chunked_stages(), cache)
+    runner.run(TARGET)
+    files = {}
+    for report in runner.reports:
+        for f in sorted(Path(report.path).iterdir()):
+            if f.name != MANIFEST:
+                files[f"{report.stage}[{report.item}]/{f.name}"] = f.read_bytes()
+    return files
+
+
+def _committed_entries_are_valid(cache: Path) -> int:
+    """Every entry at its final name passes its checksums; returns how many there are."""
+    c = Cache(cache)
+    entries = [p for p in cache.glob("*/*") if not p.name.startswith(".")]
+    bad = [str(p) for p in entries if not c.is_valid(p.parent.name, p.name)]
+    assert not bad, f"corrupt entries trusted at their final names: {bad}"
+    return len(entries)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_leaves_a_corrupt_entry_and_the_rerun_is_identical(tmp_path, counter):
+    reference = _outputs(tmp_path / "reference")
+    rng = np.random.default_rng(2026)
+    killed_mid_run = 0
+    for trial in range(20):
+        cache = tmp_path / f"cache{trial}"
+        proc = _start(cache)
+        time.sleep(rng.uniform(0.0, 2.5))  # python start-up ~0.5-1 s, then ten nodes of ~0.1 s each
+        if proc.poll() is None:
+            killed_mid_run += 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if cache.exists():
+            _committed_entries_are_valid(cache)
+        assert _outputs(cache) == reference, f"trial {trial}: the rerun differs from an uninterrupted run"
+        _committed_entries_are_valid(cache)
+    assert killed_mid_run >= 10, f"only {killed_mid_run} of 20 kills landed before the run finished"
+
+
+@pytest.mark.slow
+def test_concurrent_runs_sharing_one_cache_agree_and_corrupt_nothing(tmp_path, counter):
+    """Two runs at once (one δ/β each, sharing the source node) and a third identical to the first."""
+    cache = tmp_path / "cache"
+    for attempt in range(3):
+        procs = [_start(cache, o) for o in ([], ["reconstruction.delta_beta=300"], [])]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode()[-2000:]
+        _committed_entries_are_valid(cache)
+        assert not list(cache.glob("*/.tmp-*")) and not list(cache.glob("*/.trash-*"))
+        assert _outputs(cache) == _outputs(tmp_path / f"alone{attempt}")
+        assert _outputs(cache, ["reconstruction.delta_beta=300"]) == _outputs(tmp_path / f"alone300_{attempt}",
+                                                                            ["reconstruction.delta_beta=300"])
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_while_a_stage_writes_is_named_and_leaves_nothing(tmp_path, counter, monkeypatch):
+    def full_stage(ctx):
+        (ctx.out_dir / "part.bin").write_bytes(b"x" * 1000)
+        _disk_full()
+
+    stages = dummy.chunked_stages()
+    stages[0] = type(stages[0])("source", 1, ("sample.voxel_size_um",), full_stage)
+    runner = Runner(load_scenario("tiny"), stages, tmp_path / "cache")
+    with pytest.raises(StageError, match=r"stage 'source' failed: OSError: .*No space left on device"):
+        runner.run(TARGET)
+    assert [p for p in (tmp_path / "cache" / "source").iterdir()] == []
+
+
+def test_disk_full_while_committing_is_named_and_leaves_nothing(tmp_path, counter, monkeypatch):
+    runner = Runner(load_scenario("tiny"), dummy.chunked_stages(), tmp_path / "cache")
+    with monkeypatch.context() as patch:
+        patch.setattr("twin.runner.file_sha256", _disk_full)
+        with pytest.raises(StageError, match=r"stage 'source': could not store its output in the cache .*No space left"):
+            runner.run(TARGET)
+    assert [p for p in (tmp_path / "cache" / "source").iterdir()] == []
+    assert _outputs(tmp_path / "cache") == _outputs(tmp_path / "fresh")  # the next run, disk freed, completes
+
+
+def test_disk_full_in_an_atomic_write_leaves_neither_file_nor_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("{\"half\": ")
+            _disk_full()
+    assert list(tmp_path.iterdir()) == []
+    target.write_text("old")
+    with pytest.raises(OSError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("new, half written")
+            _disk_full()
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
