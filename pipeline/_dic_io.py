@@ -21,13 +21,15 @@ TSV_HEADER = ("NodeNumber\tZpos\tYpos\tXpos\tFzz\tFzy\tFzx\tZdisp\tFyz\tFyy\tFyx
 AXES = ("z", "y", "x")
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, float | None]:
-    """A volume from ``.nc`` (variable ``volume``) or ``.tif``/``.tiff``; returns (array, voxel_size_um or None).
+def read_volume(path: str | Path, *, allow_2d: bool = False) -> tuple[np.ndarray, float | None]:
+    """A volume from ``.nc`` (variable ``volume``) or ``.tif``/``.tiff``; returns (float32 array, voxel_size_um or None).
+
+    With ``allow_2d`` a single 2D image is returned as a stack of one slice.
 
     Raises
     ------
     InputFileError
-        Missing file, unknown suffix, no ``volume`` variable, or not 3D.
+        Missing, truncated or corrupt file, unknown suffix, no ``volume`` variable, not 3D, NaN or infinite values.
     """
     path = Path(path)
     if not path.is_file():
@@ -50,6 +52,8 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, float | None]:
         raise
     except Exception as exc:  # a corrupt file: name it
         raise InputFileError(path, f"cannot be read ({type(exc).__name__}: {exc})") from exc
+    if allow_2d and array.ndim == 2:
+        array = array[None]
     if array.ndim != 3:
         raise InputFileError(path, f"expected a 3D volume (z, y, x), got shape {array.shape}")
     if not np.all(np.isfinite(array)):

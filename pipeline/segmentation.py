@@ -677,29 +677,6 @@ def write_labels(out_dir: Path, labels: np.ndarray, *, volume_path: Path | None 
         tifffile.imwrite(tmp, labels.astype(np.uint8), metadata={"axes": "ZYX"})
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, Path]:
-    """A volume from ``volume.nc`` (variable ``volume``) or a TIFF stack; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "no such volume file")
-    if path.suffix == ".nc":
-        volume = _read_variable(path, "volume")
-    elif path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            volume = tifffile.imread(path)
-        except Exception as exc:  # tifffile raises several types for a damaged file
-            raise InputFileError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
-    else:
-        raise InputFileError(path, "expected a .nc (variable 'volume') or .tif volume")
-    if volume.ndim == 2:
-        volume = volume[None]
-    if volume.ndim != 3:
-        raise InputFileError(path, f"expected a (z, y, x) volume, got shape {volume.shape}")
-    return volume.astype(np.float32), path
-
-
 def read_annotated_slices(images_path: str | Path, annotations_path: str | Path, *,
                           si_label: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The user's annotated slices: grey values and Si masks (``annotation == si_label``) as (n, y, x).
@@ -709,8 +686,10 @@ def read_annotated_slices(images_path: str | Path, annotations_path: str | Path,
     InputFileError
         Unreadable files, shapes that differ, or annotations without any Si or background.
     """
-    grey, _ = read_volume(images_path)
-    labels, _ = read_volume(annotations_path)
+    from pipeline._dic_io import read_volume
+
+    grey, _ = read_volume(images_path, allow_2d=True)
+    labels, _ = read_volume(annotations_path, allow_2d=True)
     if grey.shape != labels.shape:
         raise InputFileError(annotations_path, f"shape {labels.shape} differs from the images' {grey.shape} ({images_path})")
     mask = labels == si_label

@@ -175,15 +175,16 @@ def segment(
     set_: SetOpt = None,
 ) -> None:
     """Segment a volume into a label volume: labels.nc (`labels` uint8, 1 = Si) and labels.tif."""
-    from pipeline.segmentation import UNetSegmenter, read_volume, write_labels
+    from pipeline._dic_io import read_volume
+    from pipeline.segmentation import UNetSegmenter, write_labels
 
     sc = _scenario(scenario, set_).segmentation
-    data, path = read_volume(volume)
+    data, _ = read_volume(volume)
     seg = UNetSegmenter.load(model, tile_shape_px=sc.tile_shape_px, tile_overlap_fraction=sc.tile_overlap_fraction,
                              inference_batch_size=sc.inference_batch_size, probability_threshold=sc.probability_threshold,
                              slice_planes=sc.slice_planes)
     labels = seg.segment(data)
-    write_labels(out_dir, labels, volume_path=path, attrs={"method": "unet", "model": str(model)})
+    write_labels(out_dir, labels, volume_path=volume, attrs={"method": "unet", "model": str(model)})
     out.print(f"{out_dir / 'labels.nc'}: {labels.shape} voxels, Si fraction {labels.mean():.3f}", markup=False)
 
 
