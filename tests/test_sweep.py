@@ -188,3 +188,13 @@ def test_sweep_completes_when_a_dask_worker_is_killed_mid_node(tmp_path, counter
     local = run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200")], tmp_path / "local",
                       stages=dummy.chunked_stages, targets=[("join", None)], metrics_of=_join_total)
     np.testing.assert_array_equal(result["ds"]["join.total"].values, local["join.total"].values)
+
+
+def test_sharing_ratio_compares_the_sweep_with_its_points_run_alone(tmp_path, counter):
+    """2 δ/β × 2 exposures over a 10-node DAG of equal, sleep-dominated nodes: 23 of 40 node runs are needed."""
+    ds = run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200"), parse_param("beamline.exposure_s=0.01,0.02")],
+                   tmp_path / "sweep", stages=dummy.chunked_stages, targets=[("join", None)], metrics_of=_join_total)
+    assert int(np.nansum(ds["computed_nodes"].values)) == 1 + 3 * 2 + 3 * 4 + 4
+    alone = ds["runtime_s.point_alone"].values
+    assert np.all(alone >= ds["runtime_s.point"].values) and np.ptp(alone) < 0.5 * alone.mean()
+    assert 0.4 < ds.attrs["sharing_ratio"] < 0.75  # 23 / 40 = 0.575 for equal nodes

@@ -281,8 +281,10 @@ def sweep(
         def show(done: int, total: int, point: dict) -> None:
             bar.update(task, completed=done, total=total, description=", ".join(f"{k}={v}" for k, v in point.items()))
 
-        run_sweep(scenario, params, out_dir, overrides=overrides, samples=samples, progress=show)
-    out.print(f"wrote {out_dir / 'sweep.nc'} and {out_dir / 'sweep.png'}", markup=False)
+        ds = run_sweep(scenario, params, out_dir, overrides=overrides, samples=samples, progress=show)
+    shared = (f"; shared stages: {ds.attrs['sharing_ratio']:.2f} of the stage time its {ds.attrs['n_points']} points"
+              " take run alone") if "sharing_ratio" in ds.attrs else ""
+    out.print(f"wrote {out_dir / 'sweep.nc'} and {out_dir / 'sweep.png'}{shared}", markup=False)
 
 
 @app.command()

@@ -170,6 +170,7 @@ def run_sweep(
             runner.run(list(targets))
             metrics = metrics_of(runner)
             metrics["runtime_s.point"] = sum(r.seconds for r in runner.reports)
+            metrics["runtime_s.point_alone"] = sum(_node_seconds(r) for r in runner.reports)
             metrics["computed_nodes"] = sum(r.status == "computed" for r in runner.reports)
             index = (tuple(list(p.values).index(point[p.key]) for p in params) if gridded else (n,))
             for name, value in metrics.items():
@@ -182,12 +183,26 @@ def run_sweep(
     return xr.load_dataset(out_dir / "sweep.nc", engine="h5netcdf")
 
 
+def _node_seconds(report) -> float:
+    """What a node cost when it was computed (this run, or the run whose cache entry it reuses)."""
+    if report.status == "computed":
+        return report.seconds
+    try:
+        return float(json.loads((Path(report.path) / "manifest.json").read_text()).get("seconds", 0.0))
+    except (OSError, ValueError):
+        return 0.0
+
+
 def _dataset(results, dims, coords, base_sc: Scenario, points, seconds: float):
+    """``sweep.nc``; attribute ``sharing_ratio``: stage seconds the sweep computed ÷ what its points cost run alone."""
     import xarray as xr
 
     data_vars = {name: (dims, values) for name, values in results.items()}
     ds = xr.Dataset(data_vars, coords={k: (k, v) for k, v in coords.items()})
     ds.attrs.update(scenario=base_sc.name, n_points=len(points), seconds=seconds, seed=base_sc.run.seed)
+    spent, alone = (np.nansum(results.get(k, np.nan)) for k in ("runtime_s.point", "runtime_s.point_alone"))
+    if alone > 0:
+        ds.attrs["sharing_ratio"] = float(spent / alone)
     return ds
 
 
