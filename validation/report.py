@@ -165,16 +165,17 @@ def build_report(run_dir: str | Path) -> Path:
         path = run_dir / name
         parts.append(f'<img alt="{name}" src="{_img_file(path)}">' if path.exists() else _missing(name))
 
-    parts.append("<h2>Metrics against the truth</h2>")
     metrics = run_dir / "metrics.json"
     if metrics.exists():
         values = json.loads(metrics.read_text())
         budget = {k: v for k, v in values.items() if k.startswith("budget.")}
+        parts.append("<h2>Error budget: which stage is responsible</h2>")
+        parts.extend(_budget_section(run_dir, values, budget) if budget else [_missing("error budget (validation.error_budget)")])
+        parts.append("<h2>Metrics against the truth</h2>")
         rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in sorted(values.items()) if k not in budget]
         parts.append(_table(rows, ["metric", "value"]))
-        parts.append("<h2>Error budget</h2>")
-        parts.extend(_budget_section(run_dir, values, budget) if budget else [_missing("error budget (validation.error_budget)")])
     else:
+        parts.append("<h2>Metrics against the truth</h2>")
         parts.append(_missing("metrics.json"))
 
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
