@@ -198,3 +198,13 @@ def test_sharing_ratio_compares_the_sweep_with_its_points_run_alone(tmp_path, co
     alone = ds["runtime_s.point_alone"].values
     assert np.all(alone >= ds["runtime_s.point"].values) and np.ptp(alone) < 0.5 * alone.mean()
     assert 0.4 < ds.attrs["sharing_ratio"] < 0.75  # 23 / 40 = 0.575 for equal nodes
+
+
+def test_best_setting_is_the_smallest_error_the_largest_score_and_the_smallest_absolute_bias():
+    from twin.sweep import best_index
+
+    values = np.array([0.3, -0.05, 0.1, -0.4])
+    assert best_index("dic.volumetric_strain_bias.T3", values) == 1
+    assert best_index("dic.volumetric_strain_mae.max", values) == 3
+    assert best_index("segmentation.dice_si.mean", values) == 0
+    assert best_index("dic.displacement_rmse_vx.max", np.array([np.nan, 0.2, 0.1])) == 2

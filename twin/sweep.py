@@ -211,9 +211,21 @@ def _validation_metrics(runner: Runner) -> dict[str, float]:
     return {k: float(v) for k, v in json.loads(path.read_text()).items()}
 
 
+#: What sweep.png shows by default, when the sweep has them (the headline accuracy of each product).
+HEADLINE_METRICS = ("dic.volumetric_strain_mae.max", "dic.displacement_rmse_vx.max", "tracking.axial_displacement_rmse_um",
+                    "segmentation.dice_si.mean", "recon.delta_pearson.mean", "runtime_s.point_alone")
+
+
 def lower_is_better(metric: str) -> bool:
     """Errors, biases, distances and runtimes are minimized; scores (Dice, Pearson, fractions) maximized."""
     return any(word in metric for word in ("rmse", "mae", "bias", "error", "distance", "runtime", "fwhm", "seconds"))
+
+
+def best_index(metric: str, values: np.ndarray) -> int:
+    """Flat index of the best finite value: the smallest |bias|, the smallest error, or the largest score."""
+    if "bias" in metric:
+        return int(np.nanargmin(np.abs(values)))
+    return int(np.nanargmin(values) if lower_is_better(metric) else np.nanargmax(values))
 
 
 def plot_sweep(ds, path: Path, metrics: Sequence[str] | None = None) -> Path:
@@ -223,10 +235,15 @@ def plot_sweep(ds, path: Path, metrics: Sequence[str] | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(metrics or [m for m in ds.data_vars if m not in ("computed_nodes",)])[:6]
+    headline = [m for m in HEADLINE_METRICS if m in ds.data_vars]
+    names = list(metrics or headline or [m for m in ds.data_vars if m not in ("computed_nodes",)])[:6]
     dims = [d for d in ds.dims]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    ncols = min(3, max(1, len(names)))
+    nrows = math.ceil(max(1, len(names)) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.ravel(), names):
         da = ds[name]
         x_dim = dims[0]
         x = ds[x_dim].values
@@ -236,13 +253,13 @@ def plot_sweep(ds, path: Path, metrics: Sequence[str] | None = None) -> Path:
         lines = [({}, da)] if not others else [({others[0]: v}, da.sel({others[0]: v})) for v in ds[others[0]].values]
         for label, line in lines:
             if line.ndim > 1:  # further swept dims: show their best value
-                line = line.min([d for d in line.dims if d != x_dim]) if lower_is_better(name) else line.max(
-                    [d for d in line.dims if d != x_dim])
+                rest = [d for d in line.dims if d != x_dim]
+                line = (abs(line).min(rest) if "bias" in name else line.min(rest) if lower_is_better(name)
+                        else line.max(rest))
             ax.plot(xs, line.values, "o-", label=", ".join(f"{k.split('.')[-1]}={v}" for k, v in label.items()) or None)
         values = da.values
         if np.isfinite(values).any():
-            best = np.nanargmin(values) if lower_is_better(name) else np.nanargmax(values)
-            idx = np.unravel_index(best, values.shape)
+            idx = np.unravel_index(best_index(name, values), values.shape)
             ax.plot(xs[idx[da.dims.index(x_dim)]], values[idx], "r*", ms=16, label="best")
         if not numeric_x:
             ax.set_xticks(xs, [str(v) for v in x], rotation=30)
