@@ -21,11 +21,13 @@ TensorFlow uses the GPU when one is visible and logs which device it used
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -620,8 +622,6 @@ def compute_segmentation(ctx) -> None:
     ``segmentation.method``, plus ``labels_<baseline>`` for each of
     ``segmentation.baselines``; coords in µm) and ``labels.tif``.
     """
-    from pipeline.baselines import make_baseline
-
     sc = ctx.scenario.segmentation
     scan = ctx.item
     if ctx.scenario.oracle.true_labels:
@@ -639,12 +639,26 @@ def compute_segmentation(ctx) -> None:
                                      inference_batch_size=sc.inference_batch_size,
                                      probability_threshold=sc.probability_threshold)
         else:
-            images, masks = read_training_slices(training / "training_slices.nc", k)
-            seg = make_baseline(method, n_estimators=sc.random_forest_n_estimators).fit(images, masks, ctx.rng)
+            seg = _fitted_baseline(method, str(training), k, sc.random_forest_n_estimators, ctx.scenario.run.seed)
         results[method] = seg.segment(volume)
     write_labels(ctx.out_dir, results[sc.method], volume_path=volume_path,
                  extra={f"labels_{m}": v for m, v in results.items() if m != sc.method},
                  attrs={"method": sc.method, "model": f"model_{k}.keras" if sc.method == "unet" else "", "scan": scan})
+
+
+@functools.lru_cache(maxsize=4)
+def _fitted_baseline(method: str, training_dir: str, model: int, n_estimators: int, seed: int):
+    """A baseline fitted on model ``model``'s annotated slices: one per model, like the U-Nets.
+
+    Seeded by the run's seed and the model, not the scan, so every scan of a group gets the same
+    baseline wherever it runs; cached per process (``training_dir`` is a content-keyed cache entry),
+    so a process segmenting ten scans fits each model's forest once.
+    """
+    from pipeline.baselines import make_baseline
+
+    images, masks = read_training_slices(Path(training_dir) / "training_slices.nc", model)
+    rng = np.random.default_rng([seed, model, zlib.crc32(method.encode())])
+    return make_baseline(method, n_estimators=n_estimators).fit(images, masks, rng)
 
 
 def write_true_labels(phantom_nc: Path, out_dir: Path, *, scan: str) -> None:
