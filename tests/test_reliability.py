@@ -67,13 +67,18 @@ def _committed_entries_are_valid(cache: Path) -> int:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_corrupt_entry_and_the_rerun_is_identical(tmp_path, counter):
+    # an uninterrupted run in a subprocess: the reference, and how long a run lasts on this machine
+    started = time.perf_counter()
+    proc = _start(tmp_path / "reference")
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+    run_s = time.perf_counter() - started
     reference = _outputs(tmp_path / "reference")
     rng = np.random.default_rng(2026)
     killed_mid_run = 0
     for trial in range(20):
         cache = tmp_path / f"cache{trial}"
         proc = _start(cache)
-        time.sleep(rng.uniform(0.0, 2.5))  # python start-up ~0.5-1 s, then ten nodes of ~0.1 s each
+        time.sleep(rng.uniform(0.0, run_s))  # anywhere in start-up (~0.5-1 s) or the ten nodes (~0.1 s each)
         if proc.poll() is None:
             killed_mid_run += 1
         proc.send_signal(signal.SIGKILL)
