@@ -78,5 +78,6 @@ def test_error_budget_substitutes_the_truth_and_adds_up(tiny_run):
 def test_a_rerun_reuses_every_stage(tiny_run):
     res = _run(tiny_run)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "report.html" in res.stdout and "dic.displacement_rmse_vx.max" in res.stdout and "budget: holograms" in res.stdout
     nodes = json.loads((tiny_run / "run.json").read_text())["nodes"]
     assert nodes and {n["status"] for n in nodes} == {"reused"}

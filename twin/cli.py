@@ -251,6 +251,10 @@ def run(
         overrides.append(f"run.scheduler={scheduler!r}".replace("'", '"'))
     sc = _scenario(scenario, overrides)
     run_twin(sc, out_dir, force=force_stage or [], console=err)
+    from twin.orchestrate import run_summary
+
+    for line in run_summary(out_dir):
+        out.print(line, markup=False, highlight=False)
 
 
 @app.command()

@@ -133,3 +133,27 @@ def run_error_budget(sc: Scenario, out_dir: Path, cache_dir: Path, *, force: Seq
         tmp.write_text(json.dumps({"base": base, "ablations": ablations, "budget": budget}, indent=1, allow_nan=True))
     write_metrics({k: v for k, v in base.items() if not k.startswith("budget.")} | budget, out_dir)
     return budget
+
+
+#: What `twin run` prints when it finishes (the full set is in metrics.json and report.html).
+HEADLINE = ("recon.delta_pearson.mean", "recon.resolution_fwhm_nm", "truth.resolution_fwhm_nm",
+            "segmentation.dice_si.mean", "dic.displacement_rmse_vx.max", "dic.volumetric_strain_mae.max",
+            "tracking.axial_displacement_rmse_um", "lithiation.mechanism_accuracy")
+
+
+def run_summary(out_dir: Path) -> list[str]:
+    """Lines naming the headline metrics of a finished run and, for the budgeted errors, each stage's share."""
+    from validation.budget import BUDGET_METRICS, ORACLES, REMAINDER
+
+    out_dir = Path(out_dir)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    lines = [f"{out_dir}: {int(metrics.get('schedule.n_scans', 0))} scans; open {out_dir / 'report.html'}"]
+    for name in HEADLINE:
+        if name not in metrics:
+            continue
+        line = f"  {name:<38} {metrics[name]:<9.4g}"
+        shares = [(s, metrics.get(f"budget.{s}.{name}")) for s in [s for s, _ in ORACLES] + [REMAINDER]]
+        if name in BUDGET_METRICS and metrics[name] and all(v is not None for _, v in shares):
+            line += " budget: " + ", ".join(f"{s} {100 * v / metrics[name]:.0f} %" for s, v in shares)
+        lines.append(line.rstrip())
+    return lines
