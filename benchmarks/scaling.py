@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from twin.estimate import estimate
+from twin.runner import recorded_seconds
 from twin.scenario import load_scenario
 
 STAGES = ("truth", "holograms", "reconstruction", "segmentation", "dic")
@@ -32,16 +33,14 @@ GROUPS = {"segmentation_training": "segmentation", "dic_composition": "dic"}
 
 def measured_seconds(run_dir: Path) -> dict[str, float]:
     """Seconds per cost-model stage, from the cache manifests of every node the run used."""
+    sc = load_scenario(run_dir / "scenario.toml")
+    cache = Path(sc.run.cache_dir) if sc.run.cache_dir else run_dir / "cache"
     seconds: dict[str, float] = {}
     for node in json.loads((run_dir / "run.json").read_text())["nodes"]:
         stage = GROUPS.get(node["stage"], node["stage"])
         if stage not in STAGES:
             continue
-        took = node["seconds"]
-        if node["status"] != "computed":
-            manifest = run_dir / "cache" / node["stage"] / node["key"] / "manifest.json"
-            took = json.loads(manifest.read_text())["seconds"] if manifest.exists() else float("nan")
-        seconds[stage] = seconds.get(stage, 0.0) + took
+        seconds[stage] = seconds.get(stage, 0.0) + recorded_seconds(cache / node["stage"] / node["key"])
     return seconds
 
 

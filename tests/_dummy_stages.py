@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -119,6 +120,5 @@ def compute_stalling_once(ctx: StageContext) -> None:
 def stalling_stages() -> list[Stage]:
     """:func:`chunked_stages` whose ``a`` nodes stall once, for killing the process that runs them."""
     stages = chunked_stages()
-    a = stages[1]
-    stages[1] = Stage(a.name, a.version, a.reads, compute_stalling_once, needs=a.needs, items=a.items)
+    stages[1] = dataclasses.replace(stages[1], compute=compute_stalling_once)
     return stages

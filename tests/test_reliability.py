@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -116,7 +117,7 @@ def test_disk_full_while_a_stage_writes_is_named_and_leaves_nothing(tmp_path, co
         _disk_full()
 
     stages = dummy.chunked_stages()
-    stages[0] = type(stages[0])("source", 1, ("sample.voxel_size_um",), full_stage)
+    stages[0] = dataclasses.replace(stages[0], compute=full_stage)
     runner = Runner(load_scenario("tiny"), stages, tmp_path / "cache")
     with pytest.raises(StageError, match=r"stage 'source' failed: OSError: .*No space left on device"):
         runner.run(TARGET)

@@ -90,8 +90,8 @@ def run_twin(sc: Scenario, out_dir: Path, *, force: Sequence[str] = (), console:
     With ``validation.error_budget`` (and no oracle already switched on) the
     chain is rerun with the truth substituted stage by stage
     (:mod:`validation.budget`); each ablation's validation outputs go to
-    ``out_dir/budget/<stage>/``, the ``budget.*`` metrics into ``metrics.json``,
-    and everything into ``budget.json``.
+    ``out_dir/budget/<stage>/``, their metrics into ``budget.json`` and the
+    ``budget.*`` metrics into ``metrics.json``.
     """
     from validation.report import build_report
 
@@ -130,7 +130,8 @@ def run_error_budget(sc: Scenario, out_dir: Path, cache_dir: Path, *, force: Seq
         ablations[stage] = json.loads((target / "metrics.json").read_text())
     budget = error_budget(base, ablations)
     with atomic_path(out_dir / "budget.json") as tmp:
-        tmp.write_text(json.dumps({"base": base, "ablations": ablations, "budget": budget}, indent=1, allow_nan=True))
+        # the run's own metrics and the budget are in metrics.json; this keeps what only the ablations know
+        tmp.write_text(json.dumps({"ablations": ablations}, indent=1, allow_nan=True))
     write_metrics({k: v for k, v in base.items() if not k.startswith("budget.")} | budget, out_dir)
     return budget
 
@@ -143,7 +144,7 @@ HEADLINE = ("recon.delta_pearson.mean", "recon.resolution_fwhm_nm", "truth.resol
 
 def run_summary(out_dir: Path) -> list[str]:
     """Lines naming the headline metrics of a finished run and, for the budgeted errors, each stage's share."""
-    from validation.budget import BUDGET_METRICS, ORACLES, REMAINDER
+    from validation.budget import BUDGET_METRICS, BUDGET_STAGES
 
     out_dir = Path(out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text())
@@ -152,7 +153,7 @@ def run_summary(out_dir: Path) -> list[str]:
         if name not in metrics:
             continue
         line = f"  {name:<38} {metrics[name]:<9.4g}"
-        shares = [(s, metrics.get(f"budget.{s}.{name}")) for s in [s for s, _ in ORACLES] + [REMAINDER]]
+        shares = [(s, metrics.get(f"budget.{s}.{name}")) for s in BUDGET_STAGES]
         if name in BUDGET_METRICS and metrics[name] and all(v is not None for _, v in shares):
             line += " budget: " + ", ".join(f"{s} {100 * v / metrics[name]:.0f} %" for s, v in shares)
         lines.append(line.rstrip())

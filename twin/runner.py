@@ -244,6 +244,14 @@ class Cache:
         return removed
 
 
+def recorded_seconds(entry: str | Path) -> float:
+    """Seconds a cache entry took when it was computed (its manifest), whichever run computed it; 0 if unreadable."""
+    try:
+        return float(json.loads((Path(entry) / MANIFEST).read_text()).get("seconds", 0.0))
+    except (OSError, ValueError, TypeError):
+        return 0.0
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

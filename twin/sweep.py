@@ -29,7 +29,7 @@ import numpy as np
 from twin.errors import ScenarioError
 from twin.io import atomic_path, write_netcdf
 from twin.parallel import executor
-from twin.runner import Runner, Stage
+from twin.runner import Runner, Stage, recorded_seconds
 from twin.scenario import Scenario, load_scenario, parse_override
 
 MetricsOf = Callable[[Runner], dict[str, float]]
@@ -170,7 +170,7 @@ def run_sweep(
             runner.run(list(targets))
             metrics = metrics_of(runner)
             metrics["runtime_s.point"] = sum(r.seconds for r in runner.reports)
-            metrics["runtime_s.point_alone"] = sum(_node_seconds(r) for r in runner.reports)
+            metrics["runtime_s.point_alone"] = sum(recorded_seconds(r.path) for r in runner.reports)
             metrics["computed_nodes"] = sum(r.status == "computed" for r in runner.reports)
             index = (tuple(list(p.values).index(point[p.key]) for p in params) if gridded else (n,))
             for name, value in metrics.items():
@@ -181,16 +181,6 @@ def run_sweep(
                 progress(n + 1, len(points), point)
     plot_sweep(ds, out_dir / "sweep.png")
     return xr.load_dataset(out_dir / "sweep.nc", engine="h5netcdf")
-
-
-def _node_seconds(report) -> float:
-    """What a node cost when it was computed (this run, or the run whose cache entry it reuses)."""
-    if report.status == "computed":
-        return report.seconds
-    try:
-        return float(json.loads((Path(report.path) / "manifest.json").read_text()).get("seconds", 0.0))
-    except (OSError, ValueError):
-        return 0.0
 
 
 def _dataset(results, dims, coords, base_sc: Scenario, points, seconds: float):

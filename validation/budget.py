@@ -33,6 +33,8 @@ ORACLES: tuple[tuple[str, str], ...] = (
 )
 #: The stage the remainder is credited to: what no upstream oracle removes.
 REMAINDER = "dic"
+#: Every column of the budget, in order: the oracle stages, then the remainder.
+BUDGET_STAGES: tuple[str, ...] = tuple(stage for stage, _ in ORACLES) + (REMAINDER,)
 #: Final errors (lower is better) that the budget splits.
 BUDGET_METRICS: tuple[str, ...] = (
     "dic.displacement_rmse_vx.max",
@@ -79,7 +81,7 @@ def budget_table(base: dict[str, float], budget: dict[str, float]) -> list[list[
             continue
         total = base[metric]
         row = [metric, f"{total:.4g}"]
-        for stage in [s for s, _ in ORACLES] + [REMAINDER]:
+        for stage in BUDGET_STAGES:
             value = budget[f"budget.{stage}.{metric}"]
             share = f" ({100 * value / total:.0f} %)" if total else ""
             row.append(f"{value:.3g}{share}")
@@ -89,4 +91,4 @@ def budget_table(base: dict[str, float], budget: dict[str, float]) -> list[list[
 
 def budget_columns() -> list[str]:
     """Column headers of :func:`budget_table`."""
-    return ["metric", "run"] + [s for s, _ in ORACLES] + [REMAINDER]
+    return ["metric", "run", *BUDGET_STAGES]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from twin.io import atomic_path, write_netcdf
-from twin.runner import MANIFEST, StageContext
+from twin.runner import StageContext, recorded_seconds
 
 _PER_SCAN = re.compile(r"^(?P<name>.+)\.(?P<scan>T\d+)$")
 
@@ -49,8 +49,7 @@ def runtime_metrics(ctx: StageContext) -> dict[str, float]:
     """``runtime_s.<stage>``: seconds each stage took, summed over its scans (0 for entries reused from the cache)."""
     seconds: dict[str, float] = {}
     for (stage, _item), path in ctx.inputs.items():
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-        seconds[stage] = seconds.get(stage, 0.0) + float(manifest.get("seconds", 0.0))
+        seconds[stage] = seconds.get(stage, 0.0) + recorded_seconds(path)
     return {f"runtime_s.{stage}": s for stage, s in sorted(seconds.items())}
 
 

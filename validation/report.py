@@ -93,13 +93,13 @@ def _budget_section(run_dir: Path, values: dict, budget: dict) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from validation.budget import BUDGET_METRICS, ORACLES, REMAINDER, budget_columns, budget_table
+    from validation.budget import BUDGET_METRICS, BUDGET_STAGES, REMAINDER, budget_columns, budget_table
 
     parts = ["<p>Each column: how much of the run's error disappears when that stage's product is replaced by the truth, "
              "given perfect products upstream (oracle ablation, in data-flow order; <code>dic</code> is what is left). "
              "The contributions add up to the run's error.</p>",
              _table(budget_table(values, budget), budget_columns())]
-    stages = [s for s, _ in ORACLES] + [REMAINDER]
+    stages = BUDGET_STAGES
     metrics = [m for m in BUDGET_METRICS if f"budget.{REMAINDER}.{m}" in budget and values.get(m)]
     if metrics:
         fig, ax = plt.subplots(figsize=(8, 0.6 + 0.6 * len(metrics)))
