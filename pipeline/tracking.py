@@ -1,11 +1,12 @@
 """Particle tracking (seed Fig S9) and particle-centred VOI strain curves (Figs S12, S20).
 
-Tracking: each Si particle of the T0 segmentation (a connected component of
-the Si class, ``scipy.ndimage.label``) is followed through the scans as the
-centre of mass of its non-lithiated (still Si-labelled) phase. In scan Ti the
-particle's T0 voxels are shifted by the DIC displacement at its centre
-(cumulative Φ₀→ᵢ), and the Ti Si component that most of them land on is taken
-as the particle; its centre of mass gives the trajectory. The seed plots the
+Tracking: each Si particle of the T0 segmentation is followed through the scans as the
+centre of mass of its non-lithiated (still Si-labelled) phase. Particles are
+the regions of :func:`split_particles` (a packed electrode's Si is one
+connected component: touching particles are split by spam's watershed). In
+scan Ti the particle's T0 voxels are shifted by the DIC displacement at its
+centre (cumulative Φ₀→ᵢ), and the Ti particle that most of them land on is
+taken as the particle; its centre of mass gives the trajectory. The seed plots the
 axial (z) displacement against height above the current collector.
 
 VOIs: cubes of edge ``validation.voi_size_um`` centred on chosen particles'
@@ -29,9 +30,29 @@ from twin.errors import InputFileError, StageError
 from twin.io import atomic_path
 
 
-def particles(si_mask: np.ndarray, *, min_voxels: int = 27) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Connected Si components of at least ``min_voxels``: (labels image, label ids, centres (N, 3) voxels)."""
-    labels, n = ndi.label(si_mask)
+def split_particles(si_mask: np.ndarray, *, watershed_level: float = 0.5) -> np.ndarray:
+    """Label image (int32, 0 = background) of the particles of a Si mask.
+
+    In a packed electrode touching particles form one connected component, so
+    the mask is split by ``spam.label.watershed`` (ITK's morphological watershed
+    on the distance map; maxima shallower than ``watershed_level`` voxels are
+    merged). ``watershed_level = 0`` keeps the connected components.
+    """
+    if watershed_level <= 0 or not si_mask.any():
+        return ndi.label(si_mask)[0].astype(np.int32)
+    import spam.label
+
+    from pipeline._spam_compat import spam_call
+
+    with spam_call(1, "label.watershed"):
+        return np.asarray(spam.label.watershed(si_mask, watershedLevel=watershed_level), np.int32)
+
+
+def particles(si_mask: np.ndarray, *, min_voxels: int = 27,
+              watershed_level: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Particles of at least ``min_voxels``: (labels image, label ids, centres (N, 3) voxels)."""
+    labels = split_particles(si_mask, watershed_level=watershed_level)
+    n = int(labels.max())
     if n == 0:
         return labels, np.zeros(0, int), np.zeros((0, 3))
     sizes = ndi.sum_labels(np.ones_like(labels), labels, np.arange(1, n + 1))
@@ -40,7 +61,8 @@ def particles(si_mask: np.ndarray, *, min_voxels: int = 27) -> tuple[np.ndarray,
     return labels, ids, centres
 
 
-def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int = 27) -> list[dict]:
+def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int = 27,
+          watershed_level: float = 0.5) -> list[dict]:
     """Trajectories of the T0 particles.
 
     Parameters
@@ -50,6 +72,8 @@ def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int =
     displacement_at
         ``displacement_at(scan, points (N, 3) voxels) -> (N, 3)`` cumulative DIC
         displacement T0 → scan in voxels (NaN where unknown).
+    min_voxels, watershed_level
+        See :func:`particles`.
 
     Returns
     -------
@@ -58,7 +82,7 @@ def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int =
         centre), ``z_px`` … (centre in the scan), ``dz_px`` (NaN if lost).
     """
     scans = list(si_masks)
-    labels0, ids, centres0 = particles(si_masks[scans[0]], min_voxels=min_voxels)
+    labels0, ids, centres0 = particles(si_masks[scans[0]], min_voxels=min_voxels, watershed_level=watershed_level)
     rows = []
     voxels0 = ndi.find_objects(labels0)
     for scan in scans:
@@ -66,7 +90,7 @@ def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int =
             for pid, c in zip(ids, centres0):
                 rows.append(_row(pid, scan, c, c))
             continue
-        labels_i, n_i = ndi.label(si_masks[scan])
+        labels_i = split_particles(si_masks[scan], watershed_level=watershed_level)
         shifts = displacement_at(scan, centres0) if len(centres0) else np.zeros((0, 3))
         for pid, c0, shift in zip(ids, centres0, shifts):
             sl = voxels0[pid - 1]
@@ -143,7 +167,8 @@ def compute_tracking(ctx) -> None:
 
     Inputs: ``segmentation[Ti]/labels.nc`` (``labels``: 1 = Si) for every scan
     and ``dic_composition/cumulative.nc``. Scenario: ``sample.voxel_size_um``,
-    ``sample.current_collector_thickness_um``, ``validation.voi_size_um``.
+    ``sample.current_collector_thickness_um``, ``validation.voi_size_um``,
+    ``validation.particle_watershed_level``.
     Writes ``trajectories.csv`` (per particle and scan; ``height_um`` above the
     current collector, ``dz_um``), ``vois.csv`` and ``tracking.json``.
     """
@@ -168,15 +193,15 @@ def compute_tracking(ctx) -> None:
         return interpolate_phi(nodes, dims, phi, points)[:, :3, 3]
 
     masks = {scan: _read_labels(Path(ctx.input("segmentation", scan)) / "labels.nc") for scan in scans}
-    rows = track(masks, displacement_at)
+    level = ctx.scenario.validation.particle_watershed_level
+    rows = track(masks, displacement_at, watershed_level=level)
     cc_um = ctx.scenario.sample.current_collector_thickness_um
     for r in rows:
         r["height_um"] = r["z0_px"] * voxel - cc_um
         r["dz_um"] = r["dz_px"] * voxel
     out = Path(ctx.out_dir)
     _write_rows(out / "trajectories.csv", rows)
-    _, ids, centres = particles(masks["T0"])
-    labels0 = ndi.label(masks["T0"])[0]
+    labels0, ids, centres = particles(masks["T0"], watershed_level=level)
     sizes = ndi.sum_labels(np.ones_like(labels0), labels0, ids) if len(ids) else np.zeros(0)
     chosen = choose_voi_particles(centres, np.asarray(sizes))
     vois = voi_curves(cumulative, centres[chosen] * voxel, ctx.scenario.validation.voi_size_um)

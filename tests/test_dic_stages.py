@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 import xarray as xr
 from test_dic import texture, warp
 
@@ -150,6 +151,29 @@ def test_tracking_follows_particles(run_dirs):
     np.testing.assert_allclose(t2["dz_px"], truth, atol=0.3)
     vois = np.genfromtxt(root / "tracking" / "vois.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
     assert np.all(np.isfinite(vois["volumetric_strain"]))
+
+
+def test_tracking_splits_touching_particles_and_follows_each():
+    """Three touching spheres (one connected component) moved by a known rigid shift: three tracks, each exact."""
+    from pipeline.tracking import track
+
+    idx = np.indices((40, 48, 48))
+    centres = [(20, 24, 12), (20, 24, 24), (20, 24, 36)]  # radius 6.5, 12 apart: each pair touches
+
+    def spheres(shift):
+        return np.any([np.linalg.norm(idx - (np.add(c, shift))[:, None, None, None], axis=0) <= 6.5 for c in centres], axis=0)
+
+    shift = np.array([3.0, -1.0, 2.0])
+    masks = {"T0": spheres((0, 0, 0)), "T1": spheres(shift)}
+    assert ndi.label(masks["T0"])[1] == 1
+    rows = track(masks, lambda scan, pts: np.tile(shift, (len(pts), 1)))
+    t1 = [r for r in rows if r["scan"] == "T1"]
+    assert len(t1) == 3
+    np.testing.assert_allclose(sorted(r["x0_px"] for r in t1), [12, 24, 36], atol=0.5)
+    for r in t1:
+        np.testing.assert_allclose([r["dz_px"], r["dy_px"], r["dx_px"]], shift, atol=1e-6)
+    assert len([r for r in track(masks, lambda scan, pts: np.tile(shift, (len(pts), 1)), watershed_level=0)
+                if r["scan"] == "T1"]) == 1  # connected components merge them
 
 
 def test_metrics_leave_out_all_failed_scans(tmp_path, run_dirs):

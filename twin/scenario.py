@@ -282,6 +282,9 @@ class Validation(_Section):
 
     tolerances_file: str | None = Field(None, description="TOML of metric bounds; default: the package's validation/tolerances.toml.")
     voi_size_um: PositiveFloat = Field(15.0, description="Edge of the particle-centred VOIs (Fig S12).")
+    particle_watershed_level: Annotated[float, Field(ge=0)] = Field(
+        0.5, description="Depth, voxels, below which distance-map maxima merge when spam.label.watershed splits touching"
+        " Si particles (tracking, mechanism classifier); 0 keeps connected components.")
     error_budget: bool = Field(
         True, description="`twin run` also reruns the chain with the truth substituted stage by stage (the `oracle` section)"
         " and reports how much of each final error every stage contributes (budget.<stage>.<metric>).")

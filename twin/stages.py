@@ -81,9 +81,9 @@ def twin_stages() -> list[Stage]:
               items=lambda r: scans(r)[1:]),
         Stage("dic_composition", 1, ("dic", "sample.voxel_size_um"), Lazy("pipeline.dic:compute_dic_composition"),
               needs=lambda item, r: _per_scan("dic", r, skip_first=True) + _per_scan("reconstruction", r)),
-        Stage("tracking", 1, (*geometry, "validation.voi_size_um"), Lazy("pipeline.tracking:compute_tracking"),
+        Stage("tracking", 2, (*geometry, "validation.voi_size_um", "validation.particle_watershed_level"), Lazy("pipeline.tracking:compute_tracking"),
               needs=lambda item, r: _per_scan("segmentation", r) + [("dic_composition", None)]),
-        Stage("validation", 1, ("validation.voi_size_um", "beamline", "sample.voxel_size_um"), Lazy("validation.metrics:compute_validation"),
+        Stage("validation", 2, ("validation.voi_size_um", "validation.particle_watershed_level", "beamline", "sample.voxel_size_um"), Lazy("validation.metrics:compute_validation"),
               needs=lambda item, r: [("rehearsal", None), ("dic_composition", None), ("tracking", None)]
               + _per_scan("truth", r) + _per_scan("reconstruction", r) + _per_scan("segmentation", r)
               + _per_scan("dic", r, skip_first=True)),

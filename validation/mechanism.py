@@ -177,34 +177,31 @@ def synthetic_features(*, blur_sigma_px, noise, diameters_px, voxel_size_um, rng
     return np.array(X), np.array(y)
 
 
-def segmented_particles(labels: np.ndarray, *, min_diameter_px: float = 6.0) -> tuple[np.ndarray, list[int]]:
+def segmented_particles(labels: np.ndarray, *, min_diameter_px: float = 6.0,
+                        watershed_level: float = 0.5) -> tuple[np.ndarray, list[int]]:
     """Particles of a Si segmentation: (label image, ids of those kept).
 
     Touching particles form one connected Si component in a dense electrode,
-    so the mask is split by a watershed on its smoothed distance transform
-    (scikit-image), seeded at distance maxima at least 3 voxels apart and 2.5
-    voxels deep. Kept: regions of equivalent diameter ≥ ``min_diameter_px``
-    (an interior exists) that do not touch the volume's faces (cut
-    particles and the mislabelled Cu foil or separator would be misread).
+    so the mask is split as the tracker splits it
+    (:func:`pipeline.tracking.split_particles`). Kept: regions of equivalent
+    diameter ≥ ``min_diameter_px`` (an interior exists) that do not touch the
+    volume's faces (cut particles and the mislabelled Cu foil or separator
+    would be misread).
     """
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
+    from pipeline.tracking import split_particles
 
-    depth = ndi.gaussian_filter(ndi.distance_transform_edt(labels), 1.0)
-    peaks = peak_local_max(depth, min_distance=3, threshold_abs=2.5, labels=ndi.label(labels)[0])
-    markers = np.zeros(labels.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    lab = watershed(-depth, markers, mask=labels)
-    sizes = np.bincount(lab.ravel(), minlength=len(peaks) + 1)
+    lab = split_particles(labels, watershed_level=watershed_level)
+    n = int(lab.max())
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
     border = np.unique(np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(), lab[:, -1].ravel(),
                                        lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
     min_voxels = np.pi / 6 * min_diameter_px**3
-    ids = [i for i in range(1, len(peaks) + 1) if sizes[i] >= min_voxels and i not in set(border.tolist())]
+    ids = [i for i in range(1, n + 1) if sizes[i] >= min_voxels and i not in set(border.tolist())]
     return lab, ids
 
 
 def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: float, voxel_size_um: float,
-                    rng: np.random.Generator) -> list[dict]:
+                    rng: np.random.Generator, watershed_level: float = 0.5) -> list[dict]:
     """Predict the mechanism of every large segmented particle of one reconstructed volume.
 
     Parameters
@@ -215,6 +212,8 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: fl
         Segmented Si.
     blur_sigma_px : float
         Gaussian σ of the reconstruction's measured resolution, voxels.
+    watershed_level : float
+        See :func:`segmented_particles`.
 
     Returns
     -------
@@ -223,7 +222,7 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: fl
     """
     from skimage.restoration import estimate_sigma
 
-    lab, ids = segmented_particles(labels)
+    lab, ids = segmented_particles(labels, watershed_level=watershed_level)
     objs = ndi.find_objects(lab)
     # Normalised per particle: pore level 0 (median of the non-Si voxels), c-Si 1 (the particle's 90th percentile),
     # so a bright neighbour (Cu foil) or a slow drift of the grey scale does not shift the dark/bright split.
@@ -257,7 +256,8 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: fl
 
 
 def mechanism_metrics(volume_nc, labels_nc, truth_nc, particles_csv, *, blur_sigma_px: float,
-                      rng: np.random.Generator, min_fraction: float = 0.05) -> dict[str, float]:
+                      rng: np.random.Generator, min_fraction: float = 0.05,
+                      watershed_level: float = 0.5) -> dict[str, float]:
     """``lithiation.mechanism_accuracy`` of one charged scan (see module docstring), with the counts behind it."""
     import pandas as pd
     import xarray as xr
@@ -267,14 +267,15 @@ def mechanism_metrics(volume_nc, labels_nc, truth_nc, particles_csv, *, blur_sig
         voxel = float(ds.attrs["voxel_size_um"])
     with xr.open_dataset(labels_nc, engine="h5netcdf") as ds:
         labels = ds["labels"].values == 1
-    rows = classify_volume(volume, labels, blur_sigma_px=blur_sigma_px, voxel_size_um=voxel, rng=rng)
+    rows = classify_volume(volume, labels, blur_sigma_px=blur_sigma_px, voxel_size_um=voxel, rng=rng,
+                           watershed_level=watershed_level)
     # truth: only here, after the classification
     with xr.open_dataset(truth_nc, engine="h5netcdf") as ds:
         true_particle = ds["particle"].values
         mechanism = str(ds.attrs["mechanism"])
     table = pd.read_csv(particles_csv)
     lithiated = set(table.loc[table["max_lithiated_fraction"] >= min_fraction, "id"].astype(int))
-    lab = segmented_particles(labels)[0]
+    lab = segmented_particles(labels, watershed_level=watershed_level)[0]
     correct = []
     for r in rows:
         # the true particle under most of the component's voxels

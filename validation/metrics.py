@@ -117,7 +117,8 @@ def _resolution_mechanism_figures(ctx: StageContext, scans: list[str], phantoms:
     blur_sigma_px = metrics["recon.resolution_fwhm_nm"] / FWHM_PER_SIGMA / (voxel_um * 1e3)
     metrics.update(mechanism_metrics(ctx.input("reconstruction", charged) / "volume.nc",
                                      ctx.input("segmentation", charged) / "labels.nc", phantoms[charged],
-                                     ctx.input("truth", charged) / "particles.csv", blur_sigma_px=blur_sigma_px, rng=ctx.rng))
+                                     ctx.input("truth", charged) / "particles.csv", blur_sigma_px=blur_sigma_px, rng=ctx.rng,
+                                     watershed_level=ctx.scenario.validation.particle_watershed_level))
 
     with xr.open_dataset(Path(ctx.input("dic_composition")) / "cumulative.nc", engine="h5netcdf") as ds:
         cumulative = ds.load()
