@@ -91,6 +91,8 @@ def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int =
                 rows.append(_row(pid, scan, c, c))
             continue
         labels_i = split_particles(si_masks[scan], watershed_level=watershed_level)
+        n_i = int(labels_i.max())
+        centres_i = np.array(ndi.center_of_mass(labels_i > 0, labels_i, np.arange(1, n_i + 1)), float).reshape(-1, 3)
         shifts = displacement_at(scan, centres0) if len(centres0) else np.zeros((0, 3))
         for pid, c0, shift in zip(ids, centres0, shifts):
             sl = voxels0[pid - 1]
@@ -102,8 +104,11 @@ def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int =
                 hit = labels_i[tuple(moved[inside].T)]
                 hit = hit[hit > 0]
                 if hit.size:
-                    best = np.bincount(hit).argmax()
-                    centre = np.array(ndi.center_of_mass(labels_i == best), dtype=float)
+                    candidate = centres_i[np.bincount(hit).argmax() - 1]
+                    # a match farther from where the DIC puts the particle than its own radius is another particle
+                    # (or a fragment of it): the particle is lost in this scan rather than tracked wrongly
+                    if np.linalg.norm(candidate - (c0 + shift)) <= (3 * len(local) / (4 * np.pi)) ** (1 / 3):
+                        centre = candidate
             rows.append(_row(pid, scan, c0, centre))
     return rows
 

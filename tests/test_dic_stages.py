@@ -128,6 +128,7 @@ def test_composed_field_and_scores_against_truth(run_dirs):
         assert m[f"dic.volumetric_strain_mae.T{k}"] < 0.03
     assert m["dic.noise_floor_vx"] < 0.05  # measured 0.020
     assert m["tracking.axial_displacement_rmse_um"] < 0.1  # voxel 0.2 µm; measured 0.034 µm
+    assert m["tracking.tracked_fraction"] == 1.0
 
 
 def test_noise_baseline_and_residuals(run_dirs):
@@ -174,6 +175,18 @@ def test_tracking_splits_touching_particles_and_follows_each():
         np.testing.assert_allclose([r["dz_px"], r["dy_px"], r["dx_px"]], shift, atol=1e-6)
     assert len([r for r in track(masks, lambda scan, pts: np.tile(shift, (len(pts), 1)), watershed_level=0)
                 if r["scan"] == "T1"]) == 1  # connected components merge them
+
+
+def test_tracking_loses_a_particle_rather_than_matching_a_distant_one():
+    """The T0 particle's voxels land inside a much larger Si body whose centre is 10 voxels away: lost, not tracked."""
+    from pipeline.tracking import track
+
+    idx = np.indices((48, 48, 48))
+    small = np.linalg.norm(idx - np.array([24, 24, 20])[:, None, None, None], axis=0) <= 6.5
+    large = np.linalg.norm(idx - np.array([24, 24, 30])[:, None, None, None], axis=0) <= 14
+    rows = track({"T0": small, "T1": large}, lambda scan, pts: np.zeros((len(pts), 3)))
+    (t1,) = [r for r in rows if r["scan"] == "T1"]
+    assert np.isnan(t1["dz_px"])
 
 
 def test_metrics_leave_out_all_failed_scans(tmp_path, run_dirs):

@@ -65,3 +65,22 @@ def test_names_follow_the_metrics_contract():
     assert scores["segmentation.dice_si_otsu.T3"] == 1.0
     assert set(scores) == {f"segmentation.{m}_otsu.T3" for m in
                            ("dice_si", "iou_si", "boundary_f1", "mean_surface_distance_um", "particle_detection_rate")}
+
+
+@pytest.mark.parametrize("lithiated_share", [0.0, 0.25, 0.5])
+def test_grey_level_ceiling_of_si_hidden_in_the_matrix(lithiated_share):
+    """Si at δ = 2, matrix at 1, Cu at 5, and a share s of the Si at the matrix's δ: ceiling 2(1 − s)/(2 − s)."""
+    from phantoms.phases import Phase
+    from validation.segmentation_scores import grey_level_ceiling
+
+    rng = np.random.default_rng(3)
+    phase = np.full((40, 40, 40), Phase.ELECTROLYTE, np.uint8)
+    phase[:4] = Phase.COPPER
+    si = rng.random(phase.shape) < 0.4
+    si[:4] = False
+    phase[si] = Phase.SI_CRYSTALLINE
+    hidden = si & (rng.random(phase.shape) < lithiated_share)
+    phase[hidden] = Phase.SI_LITHIATED
+    delta = np.select([phase == Phase.COPPER, phase == Phase.SI_CRYSTALLINE], [5.0, 2.0], 1.0)
+    s = hidden.sum() / si.sum()
+    assert grey_level_ceiling(delta, phase) == pytest.approx(2 * (1 - s) / (2 - s), abs=1e-12)

@@ -22,7 +22,10 @@ Metrics (flat dotted names for ``metrics.json``):
   when the double-scan baseline predicts the true error of a chain of i
   increments;
 * ``tracking.axial_displacement_rmse_um``: tracked particle axial displacement
-  against the true displacement at the particle's T0 centre of mass.
+  against the true displacement at the particle's T0 centre of mass, over the
+  tracks found; ``tracking.tracked_fraction``: the share of (particle, scan > T0)
+  tracks found (a particle is lost where no match lies within its radius of
+  where the DIC puts it).
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def tracking_metrics(tracking_dir: str | Path, phantoms: Mapping[str, str | Path
         return {}
     table = np.atleast_1d(table)
     voxel = float(json.loads((Path(tracking_dir) / "tracking.json").read_text())["voxel_size_um"])
-    errors = []
+    errors, n_rows = [], 0
     for scan in sorted(set(table["scan"].tolist()), key=_scan_number):
         if scan == "T0" or scan not in phantoms:
             continue
@@ -141,8 +144,12 @@ def tracking_metrics(tracking_dir: str | Path, phantoms: Mapping[str, str | Path
         start = np.column_stack([rows["z0_px"], rows["y0_px"], rows["x0_px"]]).astype(float)
         truth = true_displacement_at(phantoms[scan], start)[:, 0]
         errors.append((rows["dz_px"].astype(float) - truth) * voxel)
+        n_rows += len(rows)
     if not errors:
         return {}
     errors = np.concatenate(errors)
     errors = errors[np.isfinite(errors)]
-    return {"tracking.axial_displacement_rmse_um": float(np.sqrt(np.mean(errors**2)))} if errors.size else {}
+    out = {"tracking.tracked_fraction": errors.size / n_rows}
+    if errors.size:
+        out["tracking.axial_displacement_rmse_um"] = float(np.sqrt(np.mean(errors**2)))
+    return out

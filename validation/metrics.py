@@ -77,6 +77,7 @@ def compute_validation(ctx: StageContext) -> None:
         metrics.update(score_files(ctx.input("segmentation", s) / "labels.nc", phantoms[s], scan=s))
     metrics.update(_mean_over_scans(metrics, "recon.delta_pearson"))
     metrics.update(_mean_over_scans(metrics, "segmentation.dice_si"))
+    metrics.update(_mean_over_scans(metrics, "segmentation.dice_si_grey_ceiling"))
 
     dic_dirs = {s: ctx.input("dic", s) for s in scans[1:]}
     metrics.update(dic_metrics(ctx.input("dic_composition"), phantoms, dic_dirs=dic_dirs,

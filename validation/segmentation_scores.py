@@ -10,7 +10,14 @@ For a predicted Si mask P and the true Si mask T (``phantoms.phases.si_mask``):
 * mean (symmetric) surface distance: the mean over the boundary voxels of
   both masks of the Euclidean distance to the other mask's boundary, µm;
 * per-particle detection rate: the fraction of true particles (``particle``
-  ids > 0) with at least half of their Si voxels labelled Si.
+  ids > 0) with at least half of their Si voxels labelled Si;
+* the grey-level ceiling ``segmentation.dice_si_grey_ceiling.<scan>``: the
+  best Dice any global threshold on the *true* δ reaches (Cu voxels left out,
+  as every segmenter learns to):
+  :math:`\max_t D(\{δ > t\}, T)`. Lithiated Si (LixSi at x ≈ 2 has the δ of
+  the carbon–binder domain and the electrolyte at 29.6 keV) cannot be told
+  from the matrix by its grey value, so a segmenter that works from grey
+  values, however perfect the image, stays near this bound.
 
 Names: ``segmentation.<metric>.<scan>`` for the main labels and
 ``segmentation.<metric>_<baseline>.<scan>`` for a baseline's labels
@@ -112,6 +119,21 @@ def segmentation_scores(labels: np.ndarray, phase: np.ndarray, particle: np.ndar
     return {f"segmentation.{k}{name_suffix}.{scan}": v for k, v in scores.items()}
 
 
+def grey_level_ceiling(delta: np.ndarray, phase: np.ndarray, *, n_thresholds: int = 121) -> float:
+    """Best Dice of {δ > t} against the true Si over thresholds t at δ's 30–90 % quantiles, Cu excluded."""
+    from phantoms.phases import Phase, si_mask
+
+    keep = np.asarray(phase) != Phase.COPPER
+    truth, values = si_mask(np.asarray(phase))[keep], np.asarray(delta)[keep]
+    if not truth.any():
+        return float("nan")
+    best = 0.0
+    for t in np.quantile(values, np.linspace(0.3, 0.9, n_thresholds)):
+        predicted = values > t
+        best = max(best, 2 * np.count_nonzero(predicted & truth) / (np.count_nonzero(predicted) + truth.sum()))
+    return float(best)
+
+
 def score_files(labels_nc: str | Path, phantom_nc: str | Path, *, scan: str) -> dict[str, float]:
     """Scores of ``labels.nc`` (``labels`` and every ``labels_<baseline>``) against ``phantom.nc``."""
     import xarray as xr
@@ -122,11 +144,14 @@ def score_files(labels_nc: str | Path, phantom_nc: str | Path, *, scan: str) -> 
     try:
         with xr.open_dataset(phantom_nc, engine=NETCDF_ENGINE) as truth:
             phase = truth["phase"].values
+            delta = truth["delta"].values if "delta" in truth else None
             particle = truth["particle"].values if "particle" in truth else None
             voxel_size_um = float(truth.attrs["voxel_size_um"])
     except (OSError, ValueError, KeyError) as exc:
         raise InputFileError(phantom_nc, f"cannot read phase/voxel_size_um ({type(exc).__name__}: {exc})") from None
     scores: dict[str, float] = {}
+    if delta is not None:
+        scores[f"segmentation.dice_si_grey_ceiling.{scan}"] = grey_level_ceiling(delta, phase)
     try:
         with xr.open_dataset(labels_nc, engine=NETCDF_ENGINE) as ds:
             variables = {name: ds[name].values for name in ds.data_vars if name.startswith("labels")}
