@@ -54,7 +54,7 @@ log = logging.getLogger("phantoms.deformation")
 SUPPORT = 2.5  # swelling kernels reach SUPPORT × R: wide enough to fold nowhere for (1 + a)³ up to ~4
 COARSE_STRIDE = 2  # the inverse map is first solved on every 2nd voxel, then interpolated and polished
 NEWTON_TOL_VOX = 1e-6
-SLAB_VOXELS = 1 << 20  # points per slab in grid passes (bounds memory: ~100 bytes per point)
+SLAB_VOXELS = 1 << 18  # points per slab in grid passes (bounds memory: Newton holds ~700 bytes per point)
 
 
 def _smoothstep(s):
@@ -422,7 +422,10 @@ class Deformation:
             return None
         axes = [np.arange(0, n + COARSE_STRIDE - 1, COARSE_STRIDE, dtype=float) for n in self.shape]
         g = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
-        X = self._invert_local(self._invert_outer(g), 0)
+        X = np.empty_like(g)
+        step = max(1, SLAB_VOXELS // (g.shape[1] * g.shape[2]))
+        for k0 in range(0, g.shape[0], step):  # by slabs: Newton holds ~500 bytes per point
+            X[k0:k0 + step] = self._invert_local(self._invert_outer(g[k0:k0 + step]), 0)
         return [ndimage.spline_filter(X[..., k] - g[..., k], order=3, mode="nearest") for k in range(3)]
 
     # --- persistence --------------------------------------------------------------------

@@ -122,6 +122,35 @@ class Microstructure:
     bands: dict[int, np.ndarray] = field(default_factory=dict)
 
 
+def distance_to_background(mask: np.ndarray, *, dtype=np.float32, chunk_voxels: int = CHUNK_VOXELS) -> np.ndarray:
+    """Euclidean distance (voxels) of every voxel to the nearest False voxel: scipy's EDT, by z-slabs.
+
+    ``scipy.ndimage.distance_transform_edt`` holds ~24 bytes per voxel at once (feature
+    transform, index grid, float64 distances); here each slab is transformed with a
+    halo of planes around it. The result equals the whole-volume EDT exactly: a
+    slab's distances are kept only where they are shorter than the distance to the
+    planes the halo leaves out (no False voxel beyond them can be nearer); where
+    they are not, that slab is redone with a doubled halo.
+    """
+    nz = mask.shape[0]
+    plane = max(1, int(np.prod(mask.shape[1:])))
+    slab = max(1, chunk_voxels // plane)
+    out = np.empty(mask.shape, dtype)
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        halo = slab
+        while True:
+            a, b = max(0, z0 - halo), min(nz, z1 + halo)
+            d = ndimage.distance_transform_edt(mask[a:b])[z0 - a : z1 - a]
+            # the nearest left-out plane is at least this far from every voxel of the slab
+            reach = min(z0 - a + 1 if a > 0 else np.inf, b - z1 + 1 if b < nz else np.inf)
+            if d.max(initial=0.0) < reach or (a == 0 and b == nz):
+                break
+            halo *= 2
+        out[z0:z1] = d
+    return out
+
+
 def smooth_noise(shape, sigma_vox: float, rng: np.random.Generator) -> np.ndarray:
     """Gaussian-filtered white noise scaled to unit standard deviation (float32)."""
     n = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), max(sigma_vox, 0.5), mode="wrap")
@@ -259,7 +288,9 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         pts = np.column_stack([zz.ravel(), np.broadcast_to(yy, zz.shape).ravel(), np.broadcast_to(xx, zz.shape).ravel()])
         _, lab = tree.query(np.column_stack([pts, np.zeros(len(pts))]))
         y = pts - seeds[lab]
-        g_facet = np.einsum("nkj,nj->nk", facets[lab], y).max(axis=1)
+        g_facet = np.full(len(y), -np.inf)
+        for k in range(facets.shape[1]):  # facet by facet: facets[lab] at once would take K × 24 bytes per point
+            np.maximum(g_facet, np.einsum("nj,nj->n", facets[lab, k], y), out=g_facet)
         g_round = np.linalg.norm(y, axis=1) / h_min[lab]
         beta = roundness[lab]
         g = ((1 - beta) * g_facet + beta * g_round) * (1 + SHAPE_NOISE * shape_noise[z0:z1].ravel())
@@ -299,7 +330,7 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
     # (5) fragments in the widest pores
     pore = np.zeros(shape, bool)
     pore[z_cu:z_top] = particle[z_cu:z_top] == 0
-    room = ndimage.distance_transform_edt(pore)
+    room = distance_to_background(pore, dtype=np.float64)
     # Fragments also make up for the Si that cracks and dropped specks removed, so the total Si matches the recipe.
     n_frag_target = recipe.si * (z_top - z_cu) * n_lat * n_lat - np.count_nonzero(particle)
     fragment_ids = []
@@ -373,7 +404,7 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         for sh in (1, -1):
             nb = np.roll(particle, sh, axis=ax)
             contact |= (nb != particle) & (nb > 0) & (particle > 0)
-    surface = ndimage.distance_transform_edt((particle > 0) & ~contact).astype(np.float32)
+    surface = distance_to_background((particle > 0) & ~contact)
     surface[contact] = 0.5
     del contact
     for pid0, sl in enumerate(objs):

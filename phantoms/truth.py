@@ -22,7 +22,7 @@ from scipy import ndimage
 from phantoms import optics
 from phantoms.deformation import Deformation, FoldingError
 from phantoms.lithiation import lithiate
-from phantoms.microstructure import Microstructure, Recipe, generate_microstructure
+from phantoms.microstructure import Microstructure, Recipe, distance_to_background, generate_microstructure
 from phantoms.phases import Phase
 from twin.errors import InputFileError
 from twin.io import NETCDF_ENGINE, atomic_path, write_netcdf
@@ -167,7 +167,7 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     sei_partial = None
     if sample.sei_thickness_um > 0 and lith_ids.size:
         grown = np.isin(ms.particle, lith_ids)
-        d = ndimage.distance_transform_edt(~grown)
+        d = distance_to_background(~grown, dtype=np.float64)
         layers = sample.sei_thickness_um / a
         host = (phase == Phase.ELECTROLYTE) | (phase == Phase.CBD)
         if layers >= 0.5:
@@ -179,7 +179,7 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     if bubble:
         pores = np.zeros(ms.phase.shape, bool)
         pores[ms.z_cu:ms.z_top] = ~si[ms.z_cu:ms.z_top]
-        room = ndimage.distance_transform_edt(pores)
+        room = distance_to_background(pores, dtype=np.float64)
         centre = np.array(np.unravel_index(np.argmax(room), room.shape), float)
         r0 = sample.gas_bubble_radius_um / a / BUBBLE_GROWTH
         grid = np.indices(phase.shape, sparse=True)

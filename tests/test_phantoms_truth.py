@@ -138,3 +138,25 @@ def test_prescribed_folding_field_is_refused(run):
     with pytest.raises(FoldingError, match="prescribed_bumps") as err:
         truth_for_scan(ms, folding.sample, 29.6, f, f, scan="T1", scan_index=1, seed=1)
     assert err.value.exit_code == 2
+
+
+def test_folding_particle_swelling_is_damped_and_the_truth_is_the_field_applied():
+    """Every particle fully lithiated on tiny folds the map; the kernels are damped (warned) until det F > 0 everywhere,
+    and the recorded deformation and displacement are exactly the field that warped the volumes."""
+    from phantoms.microstructure import generate_microstructure
+    from phantoms.truth import SWELLING_DAMPING, truth_for_scan
+    from twin.warnings import TwinWarning
+
+    sc = load_scenario("tiny")
+    ms = generate_microstructure(sc.sample, np.random.default_rng(1))
+    full = np.ones(len(ms.particles))
+    with pytest.warns(TwinWarning, match="folded the map"):
+        ds, _, deformation = truth_for_scan(ms, sc.sample, sc.beamline.energy_kev, full, full, scan="T1", scan_index=1, seed=1)
+    scale = ds.attrs["local_swelling_scale"]
+    assert scale < 1 and np.isclose(np.log(scale) / np.log(SWELLING_DAMPING), round(np.log(scale) / np.log(SWELLING_DAMPING)))
+    u = deformation.displacement_field(check=True)  # raises FoldingError if det F <= 0 anywhere
+    np.testing.assert_array_equal(u, ds["displacement"].values)
+    # what deformation.json holds (to_dict / from_dict) gives back the same field
+    from phantoms.deformation import Deformation
+
+    assert np.array_equal(Deformation.from_dict(deformation.to_dict()).displacement_field(check=False), u)
