@@ -72,13 +72,18 @@ class RandomForestSegmenter:
         bounded on large annotated sets; ilastik trains on sparse scribbles too.
     sigma_min_px, sigma_max_px
         Range of the feature scales, px (ilastik's defaults span 0.7-10).
+    slice_planes
+        Planes whose slices a volume is classified in ("yx", "zx", "zy"), the
+        probabilities averaged over the planes, as the U-Net does: the forest
+        should see slices of the planes it was trained on.
     """
 
     def __init__(self, *, n_estimators: int = 50, max_pixels_per_class: int = 20000,
-                 sigma_min_px: float = 0.7, sigma_max_px: float = 10.0):
+                 sigma_min_px: float = 0.7, sigma_max_px: float = 10.0, slice_planes=("yx",)):
         self.n_estimators = n_estimators
         self.max_pixels_per_class = max_pixels_per_class
         self.sigma_min_px, self.sigma_max_px = sigma_min_px, sigma_max_px
+        self.slice_planes = tuple(slice_planes)
         self.classifier = None
 
     def features(self, image: np.ndarray) -> np.ndarray:
@@ -109,20 +114,34 @@ class RandomForestSegmenter:
         self.classifier = fit_segmenter(labels, feats, clf)
         return self
 
-    def segment(self, volume) -> np.ndarray:
-        """(z, y, x) uint8 labels, classifying each z slice's pixels."""
-        from skimage.future import predict_segmenter
+    def _probability_of_slice(self, image: np.ndarray) -> np.ndarray:
+        features = self.features(image)
+        proba = self.classifier.predict_proba(features.reshape(-1, features.shape[-1]))
+        return proba[:, list(self.classifier.classes_).index(2)].reshape(image.shape)  # label 2 = Si
+
+    def probability(self, volume) -> np.ndarray:
+        """P(Si) of every voxel, (z, y, x) float32, averaged over the slices of each of ``slice_planes``."""
+        from pipeline.segmentation import as_plane_stack, from_plane_stack
 
         if self.classifier is None:
             raise ValueError("RandomForestSegmenter: call fit() first")
+        planes = self.slice_planes if np.ndim(volume) == 3 else ("yx",)
         volume = _as_volume(volume)
-        return np.stack([(predict_segmenter(self.features(s), self.classifier) == 2) for s in volume]).astype(np.uint8)
+        total = np.zeros(volume.shape, np.float32)
+        for plane in planes:
+            stack = as_plane_stack(volume, plane)
+            total += from_plane_stack(np.stack([self._probability_of_slice(s) for s in stack]), plane)
+        return total / len(planes)
+
+    def segment(self, volume) -> np.ndarray:
+        """(z, y, x) uint8 labels: 1 where the plane-averaged P(Si) > 0.5."""
+        return (self.probability(volume) > 0.5).astype(np.uint8)
 
 
-def make_baseline(method: str, *, n_estimators: int = 50):
-    """A baseline segmenter by name: ``"otsu"`` or ``"random_forest"``."""
+def make_baseline(method: str, *, n_estimators: int = 50, slice_planes=("yx",)):
+    """A baseline segmenter by name: ``"otsu"`` or ``"random_forest"`` (classifying slices of ``slice_planes``)."""
     if method == "otsu":
         return OtsuSegmenter()
     if method == "random_forest":
-        return RandomForestSegmenter(n_estimators=n_estimators)
+        return RandomForestSegmenter(n_estimators=n_estimators, slice_planes=slice_planes)
     raise ValueError(f"Unknown baseline segmentation method: {method!r}. Available are: ['otsu', 'random_forest']")

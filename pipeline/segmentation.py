@@ -639,7 +639,8 @@ def compute_segmentation(ctx) -> None:
                                      inference_batch_size=sc.inference_batch_size,
                                      probability_threshold=sc.probability_threshold)
         else:
-            seg = _fitted_baseline(method, str(training), k, sc.random_forest_n_estimators, ctx.scenario.run.seed)
+            seg = _fitted_baseline(method, str(training), k, sc.random_forest_n_estimators, ctx.scenario.run.seed,
+                                   tuple(sc.slice_planes))
         results[method] = seg.segment(volume)
     write_labels(ctx.out_dir, results[sc.method], volume_path=volume_path,
                  extra={f"labels_{m}": v for m, v in results.items() if m != sc.method},
@@ -647,7 +648,8 @@ def compute_segmentation(ctx) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _fitted_baseline(method: str, training_dir: str, model: int, n_estimators: int, seed: int):
+def _fitted_baseline(method: str, training_dir: str, model: int, n_estimators: int, seed: int,
+                     slice_planes: tuple[str, ...] = ("yx",)):
     """A baseline fitted on model ``model``'s annotated slices: one per model, like the U-Nets.
 
     Seeded by the run's seed and the model, not the scan, so every scan of a group gets the same
@@ -658,7 +660,7 @@ def _fitted_baseline(method: str, training_dir: str, model: int, n_estimators: i
 
     images, masks = read_training_slices(Path(training_dir) / "training_slices.nc", model)
     rng = np.random.default_rng([seed, model, zlib.crc32(method.encode())])
-    return make_baseline(method, n_estimators=n_estimators).fit(images, masks, rng)
+    return make_baseline(method, n_estimators=n_estimators, slice_planes=slice_planes).fit(images, masks, rng)
 
 
 def write_true_labels(phantom_nc: Path, out_dir: Path, *, scan: str) -> None:

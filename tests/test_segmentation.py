@@ -165,6 +165,32 @@ def test_baselines_segment_easy_disks():
         make_baseline("watershed")
 
 
+def test_random_forest_classifies_the_planes_it_is_told_and_agrees_with_skimage():
+    """Trained on vertical (z, x) slices of a ball volume, it segments in the (z, x) and (z, y) planes; on (y, x)
+    alone its P > 0.5 is exactly skimage's predict_segmenter."""
+    from skimage.future import predict_segmenter
+
+    from pipeline.baselines import make_baseline
+    from pipeline.segmentation import as_plane_stack
+
+    rng = np.random.default_rng(5)
+    idx = np.indices((32, 40, 40))
+    truth = np.zeros((32, 40, 40), bool)
+    for _ in range(12):
+        c, r = rng.uniform([4, 4, 4], [28, 36, 36]), rng.uniform(3, 6)
+        truth |= np.linalg.norm(idx - c[:, None, None, None], axis=0) < r
+    volume = (0.2 + 0.6 * truth + rng.normal(0, 0.1, truth.shape)).astype(np.float32)
+    train = [8, 20, 31]
+    forest = make_baseline("random_forest", n_estimators=10, slice_planes=("zx", "zy")).fit(
+        as_plane_stack(volume, "zx")[train], as_plane_stack(truth, "zx")[train], rng)
+    p = forest.probability(volume)
+    assert p.shape == volume.shape and 0 <= p.min() and p.max() <= 1
+    assert dice(forest.segment(volume), truth) > 0.9
+    forest.slice_planes = ("yx",)
+    expected = np.stack([predict_segmenter(forest.features(s), forest.classifier) == 2 for s in volume])
+    np.testing.assert_array_equal(forest.segment(volume).astype(bool), expected)
+
+
 # Slice planes ---------------------------------------------------------------------------
 
 

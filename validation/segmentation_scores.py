@@ -16,8 +16,9 @@ For a predicted Si mask P and the true Si mask T (``phantoms.phases.si_mask``):
   as every segmenter learns to):
   :math:`\max_t D(\{δ > t\}, T)`. Lithiated Si (LixSi at x ≈ 2 has the δ of
   the carbon–binder domain and the electrolyte at 29.6 keV) cannot be told
-  from the matrix by its grey value, so a segmenter that works from grey
-  values, however perfect the image, stays near this bound.
+  from the matrix by its grey value alone, however perfect the image; only
+  context (a particle's outline around its shell) can take a segmenter past
+  this bound.
 
 Names: ``segmentation.<metric>.<scan>`` for the main labels and
 ``segmentation.<metric>_<baseline>.<scan>`` for a baseline's labels
