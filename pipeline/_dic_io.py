@@ -21,46 +21,6 @@ TSV_HEADER = ("NodeNumber\tZpos\tYpos\tXpos\tFzz\tFzy\tFzx\tZdisp\tFyz\tFyy\tFyx
 AXES = ("z", "y", "x")
 
 
-def read_volume(path: str | Path, *, allow_2d: bool = False) -> tuple[np.ndarray, float | None]:
-    """A volume from ``.nc`` (variable ``volume``) or ``.tif``/``.tiff``; returns (float32 array, voxel_size_um or None).
-
-    With ``allow_2d`` a single 2D image is returned as a stack of one slice.
-
-    Raises
-    ------
-    InputFileError
-        Missing, truncated or corrupt file, unknown suffix, no ``volume`` variable, not 3D, NaN or infinite values.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "no such file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".nc":
-            with xr.open_dataset(path, engine="h5netcdf") as ds:
-                if "volume" not in ds:
-                    raise InputFileError(path, f"no variable 'volume' (has {sorted(ds.data_vars)})")
-                array = ds["volume"].values
-                voxel = ds.attrs.get("voxel_size_um", ds["volume"].attrs.get("voxel_size_um"))
-        elif suffix in (".tif", ".tiff"):
-            import tifffile
-
-            array, voxel = tifffile.imread(path), None
-        else:
-            raise InputFileError(path, f"unknown volume format {suffix!r}; expected .nc (variable 'volume') or .tif")
-    except InputFileError:
-        raise
-    except Exception as exc:  # a corrupt file: name it
-        raise InputFileError(path, f"cannot be read ({type(exc).__name__}: {exc})") from exc
-    if allow_2d and array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3:
-        raise InputFileError(path, f"expected a 3D volume (z, y, x), got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise InputFileError(path, "volume contains NaN or infinite values")
-    return np.asarray(array, dtype=np.float32), None if voxel is None else float(voxel)
-
-
 def write_tsv(path: str | Path, nodes: np.ndarray, phi: np.ndarray, return_status: np.ndarray,
               error: np.ndarray | None = None, iterations: np.ndarray | None = None,
               delta_phi_norm: np.ndarray | None = None) -> Path:

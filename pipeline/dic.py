@@ -645,7 +645,7 @@ def correlate_files(reference_path: str | Path, deformed_path: str | Path, out_d
     DICError
         No node converged at some level (``dic_diagnostic.json`` is written in ``out_dir``).
     """
-    from pipeline._dic_io import read_volume
+    from twin.io import read_volume
     from twin.errors import InputFileError
 
     reference, voxel = read_volume(reference_path)
@@ -722,7 +722,7 @@ def compute_dic_composition(ctx) -> None:
     io.write_dataset(cum, out / "cumulative.nc")
 
     # Residuals and the noise baseline (double scan: the last two scans).
-    from pipeline._dic_io import read_volume
+    from twin.io import read_volume
 
     volumes = {}
 

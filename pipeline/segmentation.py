@@ -702,7 +702,7 @@ def read_annotated_slices(images_path: str | Path, annotations_path: str | Path,
     InputFileError
         Unreadable files, shapes that differ, or annotations without any Si or background.
     """
-    from pipeline._dic_io import read_volume
+    from twin.io import read_volume
 
     grey, _ = read_volume(images_path, allow_2d=True)
     labels, _ = read_volume(annotations_path, allow_2d=True)

@@ -175,7 +175,7 @@ def segment(
     set_: SetOpt = None,
 ) -> None:
     """Segment a volume into a label volume: labels.nc (`labels` uint8, 1 = Si) and labels.tif."""
-    from pipeline._dic_io import read_volume
+    from twin.io import read_volume
     from pipeline.segmentation import UNetSegmenter, write_labels
 
     sc = _scenario(scenario, set_).segmentation

@@ -137,19 +137,15 @@ def run_error_budget(sc: Scenario, out_dir: Path, cache_dir: Path, *, force: Seq
 
 
 #: What `twin run` prints when it finishes (the full set is in metrics.json and report.html).
-HEADLINE = ("recon.delta_pearson.mean", "recon.resolution_fwhm_nm", "truth.resolution_fwhm_nm",
-            "segmentation.dice_si.mean", "dic.displacement_rmse_vx.max", "dic.volumetric_strain_mae.max",
-            "tracking.axial_displacement_rmse_um", "lithiation.mechanism_accuracy")
-
-
 def run_summary(out_dir: Path) -> list[str]:
     """Lines naming the headline metrics of a finished run and, for the budgeted errors, each stage's share."""
+    from validation import HEADLINE_METRICS
     from validation.budget import BUDGET_METRICS, BUDGET_STAGES
 
     out_dir = Path(out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     lines = [f"{out_dir}: {int(metrics.get('schedule.n_scans', 0))} scans; open {out_dir / 'report.html'}"]
-    for name in HEADLINE:
+    for name in HEADLINE_METRICS:
         if name not in metrics:
             continue
         line = f"  {name:<38} {metrics[name]:<9.4g}"

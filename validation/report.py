@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from twin.io import atomic_path
+from validation import HEADLINE_METRICS
 
 
 def _png(fig) -> str:
@@ -82,8 +83,7 @@ def _missing(what: str) -> str:
 
 
 #: Metrics shown for the run and each oracle ablation side by side.
-_ABLATION_METRICS = ("recon.delta_pearson.mean", "segmentation.dice_si.mean", "dic.displacement_rmse_vx.max",
-                     "dic.volumetric_strain_mae.max", "tracking.axial_displacement_rmse_um", "lithiation.mechanism_accuracy")
+_ABLATION_METRICS = tuple(m for m in HEADLINE_METRICS if not m.startswith("truth."))
 
 
 def _budget_section(run_dir: Path, values: dict, budget: dict) -> list[str]:
