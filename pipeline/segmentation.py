@@ -649,7 +649,7 @@ def compute_segmentation(ctx) -> None:
 
 @functools.lru_cache(maxsize=4)
 def _fitted_baseline(method: str, training_dir: str, model: int, n_estimators: int, seed: int,
-                     slice_planes: tuple[str, ...] = ("yx",)):
+                     slice_planes: tuple[str, ...]):
     """A baseline fitted on model ``model``'s annotated slices: one per model, like the U-Nets.
 
     Seeded by the run's seed and the model, not the scan, so every scan of a group gets the same

@@ -175,6 +175,9 @@ def test_tracking_splits_touching_particles_and_follows_each():
         np.testing.assert_allclose([r["dz_px"], r["dy_px"], r["dx_px"]], shift, atol=1e-6)
     assert len([r for r in track(masks, lambda scan, pts: np.tile(shift, (len(pts), 1)), watershed_level=0)
                 if r["scan"] == "T1"]) == 1  # connected components merge them
+    from pipeline.tracking import WATERSHED_LEVEL_VOX
+
+    assert load_scenario("tiny").validation.particle_watershed_level == WATERSHED_LEVEL_VOX  # one default
 
 
 def test_tracking_loses_a_particle_rather_than_matching_a_distant_one():

@@ -201,8 +201,8 @@ def _validation_metrics(runner: Runner) -> dict[str, float]:
     return {k: float(v) for k, v in json.loads(path.read_text()).items()}
 
 
-#: What sweep.png shows by default, when the sweep has them (the headline accuracy of each product).
-# The sweep's own order (the plot's panels: the errors a sweep is usually run to lower first) and its runtime.
+#: What sweep.png shows by default, when the sweep has them: in the plot's order (the errors a sweep is usually
+#: run to lower first), and the runtime; not validation.HEADLINE_METRICS, which is the run summary's order.
 HEADLINE_METRICS = ("dic.volumetric_strain_mae.max", "dic.displacement_rmse_vx.max", "tracking.axial_displacement_rmse_um",
                     "segmentation.dice_si.mean", "recon.delta_pearson.mean", "runtime_s.point_alone")
 

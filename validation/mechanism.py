@@ -40,6 +40,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.ndimage as ndi
 
+from pipeline.tracking import WATERSHED_LEVEL_VOX, split_particles
+
 MECHANISMS = ("core_shell", "pathway")
 FEATURES = ("radial_correlation", "radial_r2", "dark_share", "dark_depth_ratio")
 _111 = np.array([[1, 1, 1], [1, -1, 1], [1, 1, -1], [-1, 1, 1]]) / np.sqrt(3)
@@ -178,7 +180,7 @@ def synthetic_features(*, blur_sigma_px, noise, diameters_px, voxel_size_um, rng
 
 
 def segmented_particles(labels: np.ndarray, *, min_diameter_px: float = 6.0,
-                        watershed_level: float = 0.5) -> tuple[np.ndarray, list[int]]:
+                        watershed_level: float = WATERSHED_LEVEL_VOX) -> tuple[np.ndarray, list[int]]:
     """Particles of a Si segmentation: (label image, ids of those kept).
 
     Touching particles form one connected Si component in a dense electrode,
@@ -188,8 +190,6 @@ def segmented_particles(labels: np.ndarray, *, min_diameter_px: float = 6.0,
     volume's faces (cut particles and the mislabelled Cu foil or separator
     would be misread).
     """
-    from pipeline.tracking import split_particles
-
     lab = split_particles(labels, watershed_level=watershed_level)
     n = int(lab.max())
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -201,7 +201,7 @@ def segmented_particles(labels: np.ndarray, *, min_diameter_px: float = 6.0,
 
 
 def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: float, voxel_size_um: float,
-                    rng: np.random.Generator, watershed_level: float = 0.5) -> list[dict]:
+                    rng: np.random.Generator, particles: tuple[np.ndarray, list[int]] | None = None) -> list[dict]:
     """Predict the mechanism of every large segmented particle of one reconstructed volume.
 
     Parameters
@@ -212,8 +212,8 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: fl
         Segmented Si.
     blur_sigma_px : float
         Gaussian σ of the reconstruction's measured resolution, voxels.
-    watershed_level : float
-        See :func:`segmented_particles`.
+    particles : (label image, ids), optional
+        :func:`segmented_particles` of ``labels``, when the caller already has them.
 
     Returns
     -------
@@ -222,7 +222,7 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: fl
     """
     from skimage.restoration import estimate_sigma
 
-    lab, ids = segmented_particles(labels, watershed_level=watershed_level)
+    lab, ids = particles or segmented_particles(labels)
     objs = ndi.find_objects(lab)
     # Normalised per particle: pore level 0 (median of the non-Si voxels), c-Si 1 (the particle's 90th percentile),
     # so a bright neighbour (Cu foil) or a slow drift of the grey scale does not shift the dark/bright split.
@@ -257,7 +257,7 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: fl
 
 def mechanism_metrics(volume_nc, labels_nc, truth_nc, particles_csv, *, blur_sigma_px: float,
                       rng: np.random.Generator, min_fraction: float = 0.05,
-                      watershed_level: float = 0.5) -> dict[str, float]:
+                      watershed_level: float = WATERSHED_LEVEL_VOX) -> dict[str, float]:
     """``lithiation.mechanism_accuracy`` of one charged scan (see module docstring), with the counts behind it."""
     import pandas as pd
     import xarray as xr
@@ -267,15 +267,15 @@ def mechanism_metrics(volume_nc, labels_nc, truth_nc, particles_csv, *, blur_sig
         voxel = float(ds.attrs["voxel_size_um"])
     with xr.open_dataset(labels_nc, engine="h5netcdf") as ds:
         labels = ds["labels"].values == 1
+    lab, ids = segmented_particles(labels, watershed_level=watershed_level)
     rows = classify_volume(volume, labels, blur_sigma_px=blur_sigma_px, voxel_size_um=voxel, rng=rng,
-                           watershed_level=watershed_level)
+                           particles=(lab, ids))
     # truth: only here, after the classification
     with xr.open_dataset(truth_nc, engine="h5netcdf") as ds:
         true_particle = ds["particle"].values
         mechanism = str(ds.attrs["mechanism"])
     table = pd.read_csv(particles_csv)
     lithiated = set(table.loc[table["max_lithiated_fraction"] >= min_fraction, "id"].astype(int))
-    lab = segmented_particles(labels, watershed_level=watershed_level)[0]
     correct = []
     for r in rows:
         # the true particle under most of the component's voxels
