@@ -16,8 +16,9 @@ al. 2018), as the seed lists it:
   so :math:`\\alpha \\in [0, 1]` (one channel) rescales every skip feature;
 * an *upsampling* decoder: nearest-neighbour upsampling of ``g``, concatenation
   with the gated skip, residual block;
-* a 1x1 convolution with a sigmoid: P(Si) per pixel (two classes, binary
-  cross-entropy).
+* a 1x1 convolution with a sigmoid: P(Si) per pixel (the seed's two classes,
+  binary cross-entropy); or, for more classes (background, Si without lithium,
+  lithiated Si), a softmax over them (categorical cross-entropy).
 
 The first layer is a ``Rescaling`` that maps the training data's grey-value
 range to [0, 1]; it is part of the saved model, so a ``.keras`` file carries
@@ -90,6 +91,7 @@ def build_unet(
     input_offset: float = 0.0,
     input_scale: float = 1.0,
     batch_norm_momentum: float = 0.99,
+    n_classes: int = 2,
 ):
     """Build the (uncompiled) attention residual U-Net.
 
@@ -109,18 +111,24 @@ def build_unet(
     batch_norm_momentum
         Momentum of the batch-normalization moving statistics (Keras' default
         0.99, which the seed's Keras 2.10 used).
+    n_classes
+        2 (the seed's Si vs background: one sigmoid channel) or more (one
+        softmax channel per class, background first).
 
     Returns
     -------
     keras.Model
         Input (batch, height, width, n_channels) in grey values; output
-        (batch, height, width, 1): P(Si), dimensionless.
+        (batch, height, width, 1): P(Si), or (batch, height, width, n_classes):
+        each class's probability, dimensionless.
     """
     import keras
 
     L = keras.layers
     if depth < 1:
         raise ValueError(f"depth: must be >= 1, got {depth}")
+    if n_classes < 2:
+        raise ValueError(f"n_classes: must be >= 2, got {n_classes}")
     if base_filters < 1:
         raise ValueError(f"base_filters: must be >= 1, got {base_filters}")
     inputs = keras.Input((None, None, n_channels), name="image")
@@ -137,5 +145,8 @@ def build_unet(
         x = L.UpSampling2D(2, name=f"dec{i}_up")(x)
         x = L.Concatenate(name=f"dec{i}_concat")([x, gated])
         x = residual_block(x, filters, dropout=dropout, name=f"dec{i}", momentum=batch_norm_momentum)
-    outputs = L.Conv2D(1, 1, activation="sigmoid", name="probability")(x)
+    if n_classes == 2:
+        outputs = L.Conv2D(1, 1, activation="sigmoid", name="probability")(x)
+    else:
+        outputs = L.Conv2D(n_classes, 1, activation="softmax", name="probability")(x)
     return keras.Model(inputs, outputs, name=f"attention_res_unet_d{depth}_f{base_filters}")

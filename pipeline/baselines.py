@@ -2,7 +2,10 @@
 
 * :class:`OtsuSegmenter` – one global Otsu threshold of the volume's grey values
   (Otsu 1979, ``skimage.filters.threshold_otsu``); the annotated slices only
-  decide which side of the threshold is Si.
+  decide which side of the threshold is Si. For three classes, the two
+  thresholds of multi-level Otsu (``skimage.filters.threshold_multiotsu``),
+  its three grey-level bands given to the annotated classes in the order of
+  their mean grey values.
 * :class:`RandomForestSegmenter` – a pixel classifier on multi-scale filter
   features, in the manner of ilastik's pixel classification (Berg et al. 2019):
   Gaussian-smoothed intensity, gradient magnitude and Hessian eigenvalues at
@@ -10,7 +13,8 @@
   random forest trained through ``skimage.future.fit_segmenter``.
 
 Both: ``fit(images, masks, rng)`` then ``segment(volume) -> uint8 labels``
-slice by slice along z (0 background, 1 Si).
+(0 background, 1 Si; with three classes 2 lithiated Si, as
+:func:`pipeline.segmentation.labels_from_phase`).
 
 References
 ----------
@@ -24,14 +28,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def _check(images, masks):
+def _check(images, masks, n_classes: int):
     images = np.asarray(images, dtype=np.float32)
     masks = np.asarray(masks)
     if images.ndim != 3 or images.shape != masks.shape:
         raise ValueError(f"images and masks: need equal (n, height, width) shapes, got {images.shape} and {masks.shape}")
-    if not (masks.astype(bool).any() and (~masks.astype(bool)).any()):
-        raise ValueError("masks: the annotations need both Si (1) and background (0) pixels")
-    return images, masks.astype(bool)
+    present = np.unique(masks).tolist()
+    if not set(present) <= set(range(n_classes)) or 0 not in present or len(present) < 2:
+        raise ValueError(f"masks: the annotations need background (0) and Si (1..{n_classes - 1}) pixels and no other "
+                         f"values, found {present}")
+    return images, masks.astype(np.uint8), present
 
 
 def _as_volume(volume) -> np.ndarray:
@@ -40,24 +46,29 @@ def _as_volume(volume) -> np.ndarray:
 
 
 class OtsuSegmenter:
-    """Global Otsu threshold; Si is the side of the threshold where the annotated Si lies."""
+    """Global (multi-level) Otsu thresholds; the annotated classes take the grey-level bands in the order of their means."""
 
-    def __init__(self):
-        self.si_is_bright = True
+    def __init__(self, *, n_classes: int = 2):
+        self.n_classes = n_classes
+        self.class_of_band = np.arange(n_classes, dtype=np.uint8)
 
     def fit(self, images, masks, rng: np.random.Generator | None = None) -> OtsuSegmenter:
-        """Learn the polarity: is annotated Si brighter than the annotated background?"""
-        images, masks = _check(images, masks)
-        self.si_is_bright = bool(images[masks].mean() >= images[~masks].mean())
+        """Learn which grey-level band is which class: the annotated classes ordered by their mean grey value
+        (one band per class present in the annotations)."""
+        images, masks, present = _check(images, masks, self.n_classes)
+        means = [images[masks == k].mean() for k in present]
+        self.class_of_band = np.asarray(present, np.uint8)[np.argsort(means, kind="stable")]
         return self
 
     def segment(self, volume) -> np.ndarray:
-        """(z, y, x) uint8 labels from one Otsu threshold of the whole volume."""
-        from skimage.filters import threshold_otsu
+        """(z, y, x) uint8 labels from the Otsu threshold(s) of the whole volume."""
+        from skimage.filters import threshold_multiotsu, threshold_otsu
 
         volume = _as_volume(volume)
-        t = threshold_otsu(volume)
-        return ((volume > t) if self.si_is_bright else (volume <= t)).astype(np.uint8)
+        bands = len(self.class_of_band)
+        thresholds = [threshold_otsu(volume)] if bands == 2 else threshold_multiotsu(volume, bands)
+        band = np.digitize(volume, thresholds, right=True)  # band 0: <= the first threshold
+        return self.class_of_band[band]
 
 
 class RandomForestSegmenter:
@@ -76,14 +87,17 @@ class RandomForestSegmenter:
         Planes whose slices a volume is classified in ("yx", "zx", "zy"), the
         probabilities averaged over the planes, as the U-Net does: the forest
         should see slices of the planes it was trained on.
+    n_classes
+        2 (Si, background) or 3 (also lithiated Si).
     """
 
     def __init__(self, *, n_estimators: int = 50, max_pixels_per_class: int = 20000,
-                 sigma_min_px: float = 0.7, sigma_max_px: float = 10.0, slice_planes=("yx",)):
+                 sigma_min_px: float = 0.7, sigma_max_px: float = 10.0, slice_planes=("yx",), n_classes: int = 2):
         self.n_estimators = n_estimators
         self.max_pixels_per_class = max_pixels_per_class
         self.sigma_min_px, self.sigma_max_px = sigma_min_px, sigma_max_px
         self.slice_planes = tuple(slice_planes)
+        self.n_classes = n_classes
         self.classifier = None
 
     def features(self, image: np.ndarray) -> np.ndarray:
@@ -98,15 +112,15 @@ class RandomForestSegmenter:
         from sklearn.ensemble import RandomForestClassifier
         from skimage.future import fit_segmenter
 
-        images, masks = _check(images, masks)
+        images, masks, present = _check(images, masks, self.n_classes)
         feats = np.concatenate([self.features(im).reshape(im.size, -1) for im in images])
         truth = masks.reshape(-1)
         picked = []
-        for cls in (False, True):
+        for cls in present:
             idx = np.flatnonzero(truth == cls)
             picked.append(rng.choice(idx, size=min(len(idx), self.max_pixels_per_class), replace=False))
         picked = np.concatenate(picked)
-        # fit_segmenter takes a label image with 0 = unlabelled: labels 1 background, 2 Si
+        # fit_segmenter takes a label image with 0 = unlabelled: class k is label k + 1
         labels = np.zeros(len(truth), np.uint8)
         labels[picked] = truth[picked] + 1
         clf = RandomForestClassifier(n_estimators=self.n_estimators, n_jobs=1,
@@ -114,34 +128,43 @@ class RandomForestSegmenter:
         self.classifier = fit_segmenter(labels, feats, clf)
         return self
 
-    def _probability_of_slice(self, image: np.ndarray) -> np.ndarray:
+    def _class_probabilities_of_slice(self, image: np.ndarray) -> np.ndarray:
         features = self.features(image)
         proba = self.classifier.predict_proba(features.reshape(-1, features.shape[-1]))
-        return proba[:, list(self.classifier.classes_).index(2)].reshape(image.shape)  # label 2 = Si
+        out = np.zeros((proba.shape[0], self.n_classes), np.float32)  # a class never annotated keeps probability 0
+        out[:, np.asarray(self.classifier.classes_) - 1] = proba
+        return out.reshape(*image.shape, self.n_classes)
 
-    def probability(self, volume) -> np.ndarray:
-        """P(Si) of every voxel, (z, y, x) float32, averaged over the slices of each of ``slice_planes``."""
+    def class_probabilities(self, volume) -> np.ndarray:
+        """Each class's probability, (z, y, x, n_classes) float32, averaged over the slices of each of ``slice_planes``."""
         from pipeline.segmentation import as_plane_stack, from_plane_stack
 
         if self.classifier is None:
             raise ValueError("RandomForestSegmenter: call fit() first")
         planes = self.slice_planes if np.ndim(volume) == 3 else ("yx",)
         volume = _as_volume(volume)
-        total = np.zeros(volume.shape, np.float32)
+        total = np.zeros((*volume.shape, self.n_classes), np.float32)
         for plane in planes:
             stack = as_plane_stack(volume, plane)
-            total += from_plane_stack(np.stack([self._probability_of_slice(s) for s in stack]), plane)
+            per_slice = np.stack([self._class_probabilities_of_slice(s) for s in stack])
+            total += from_plane_stack(per_slice, plane)
         return total / len(planes)
 
+    def probability(self, volume) -> np.ndarray:
+        """P(Si) of every voxel, (z, y, x) float32 (1 - P(background))."""
+        return 1.0 - self.class_probabilities(volume)[..., 0]
+
     def segment(self, volume) -> np.ndarray:
-        """(z, y, x) uint8 labels: 1 where the plane-averaged P(Si) > 0.5."""
-        return (self.probability(volume) > 0.5).astype(np.uint8)
+        """(z, y, x) uint8 labels by :func:`pipeline.segmentation.labels_from_class_probabilities` at P(Si) > 0.5."""
+        from pipeline.segmentation import labels_from_class_probabilities
+
+        return labels_from_class_probabilities(self.class_probabilities(volume), 0.5)
 
 
-def make_baseline(method: str, *, n_estimators: int = 50, slice_planes=("yx",)):
+def make_baseline(method: str, *, n_estimators: int = 50, slice_planes=("yx",), n_classes: int = 2):
     """A baseline segmenter by name: ``"otsu"`` or ``"random_forest"`` (classifying slices of ``slice_planes``)."""
     if method == "otsu":
-        return OtsuSegmenter()
+        return OtsuSegmenter(n_classes=n_classes)
     if method == "random_forest":
-        return RandomForestSegmenter(n_estimators=n_estimators, slice_planes=slice_planes)
+        return RandomForestSegmenter(n_estimators=n_estimators, slice_planes=slice_planes, n_classes=n_classes)
     raise ValueError(f"Unknown baseline segmentation method: {method!r}. Available are: ['otsu', 'random_forest']")

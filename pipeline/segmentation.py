@@ -8,7 +8,7 @@ Public interface (the baselines in :mod:`pipeline.baselines` share it):
   of any size, slice by slice in each of ``slice_planes`` (seed: the
   reconstruction's own (y, x) slices; the scaled scenarios use vertical
   (z, x) and (z, y) slices and average them); ``segment(volume)`` thresholds it into uint8 labels (0 background,
-  1 Si); ``save(path)`` / :meth:`UNetSegmenter.load` round-trip a ``.keras``
+  1 Si; a three-class model also labels lithiated Si 2, see :func:`labels_from_phase`); ``save(path)`` / :meth:`UNetSegmenter.load` round-trip a ``.keras``
   file, loaded with ``safe_mode=True``.
 * :func:`training_slices` picks the annotated slices the seed's way (tile-sized
   crops of slices; :func:`as_plane_stack` turns a volume into the slices of a plane) and :func:`degrade_annotation` mimics hand annotation.
@@ -40,6 +40,52 @@ log = logging.getLogger("twin.segmentation")
 #: Tiles sent to ``model.predict`` per call: few calls (each has a fixed cost of tens of ms)
 #: while bounding memory (256 tiles of 256 x 512 float32 are 134 MB).
 _TILES_PER_CHUNK = 256
+
+
+# Labels -------------------------------------------------------------------------------
+
+#: Values of a label volume (uint8). The seed's two classes use 0 and 1; a three-class
+#: segmentation (``segmentation.n_classes = 3``) keeps 1 for Si without lithium (crystalline,
+#: or amorphous after delithiation) and labels lithiated Li_xSi 2.
+LABEL_BACKGROUND, LABEL_SI, LABEL_LITHIATED_SI = 0, 1, 2
+CLASS_NAMES = {2: "background Si", 3: "background Si_without_lithium lithiated_Si"}
+
+
+def si_from_labels(labels: np.ndarray) -> np.ndarray:
+    """Boolean Si mask of a label volume of two or three classes (labels 1 and 2)."""
+    return np.isin(labels, (LABEL_SI, LABEL_LITHIATED_SI))
+
+
+def labels_from_phase(phase: np.ndarray, n_classes: int = 2) -> np.ndarray:
+    """The phantom's truth as a segmentation's uint8 labels of ``n_classes`` (2 or 3) classes.
+
+    Si is every silicon phase (``phantoms.phases.si_mask``: the seed's class);
+    with three classes, Li_xSi (``Phase.SI_LITHIATED``, x > 0) is labelled 2 and
+    crystalline or delithiated amorphous Si 1.
+    """
+    from phantoms.phases import Phase, si_mask
+
+    if n_classes not in (2, 3):
+        raise ValueError(f"n_classes: 2 or 3, got {n_classes}")
+    phase = np.asarray(phase)
+    labels = si_mask(phase).astype(np.uint8)
+    if n_classes == 3:
+        labels[phase == Phase.SI_LITHIATED] = LABEL_LITHIATED_SI
+    return labels
+
+
+def labels_from_class_probabilities(probabilities: np.ndarray, si_threshold: float = 0.5) -> np.ndarray:
+    """uint8 labels from per-class probabilities (..., n_classes), background first.
+
+    A voxel is Si where P(Si) = 1 - P(background) exceeds ``si_threshold`` (for
+    two classes the seed's rule), and takes the likeliest Si class there. So the
+    Si mask of a three-class model follows the same rule as a two-class one's.
+    """
+    p = np.asarray(probabilities)
+    si = (1.0 - p[..., 0]) > si_threshold
+    if p.shape[-1] == 2:
+        return si.astype(np.uint8)
+    return np.where(si, 1 + np.argmax(p[..., 1:], axis=-1), 0).astype(np.uint8)
 
 
 # TensorFlow ---------------------------------------------------------------------------
@@ -128,7 +174,7 @@ def predict_tiled(
     Parameters
     ----------
     predict_batch
-        ``f(tiles) -> probabilities``: (n, th, tw, 1) float32 to (n, th, tw, 1).
+        ``f(tiles) -> probabilities``: (n, th, tw, 1) float32 to (n, th, tw, channels).
     volume
         (z, y, x) grey values; slices are (y, x) planes, any size (padded by
         reflection up to a tile where smaller).
@@ -143,7 +189,7 @@ def predict_tiled(
     Returns
     -------
     numpy.ndarray
-        (z, y, x) float32 probabilities.
+        (z, y, x, channels) float32 probabilities.
     """
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 3:
@@ -160,16 +206,20 @@ def predict_tiled(
     norm = np.zeros((py, px), np.float32)
     for y0, x0 in starts:
         norm[y0:y0 + th, x0:x0 + tw] += weight
-    out = np.empty((nz, ny, nx), np.float32)
+    out = None
     slices_per_chunk = max(1, _TILES_PER_CHUNK // len(starts))
     for z0 in range(0, nz, slices_per_chunk):
         chunk = volume[z0:z0 + slices_per_chunk]
         tiles = np.stack([s[y0:y0 + th, x0:x0 + tw] for s in chunk for y0, x0 in starts])[..., None]
-        probs = np.asarray(predict_batch(tiles), dtype=np.float32)[..., 0].reshape(len(chunk), len(starts), th, tw)
-        acc = np.zeros((len(chunk), py, px), np.float32)
+        probs = np.asarray(predict_batch(tiles), dtype=np.float32)
+        channels = probs.shape[-1]
+        probs = probs.reshape(len(chunk), len(starts), th, tw, channels)
+        if out is None:
+            out = np.empty((nz, ny, nx, channels), np.float32)
+        acc = np.zeros((len(chunk), py, px, channels), np.float32)
         for k, (y0, x0) in enumerate(starts):
-            acc[:, y0:y0 + th, x0:x0 + tw] += probs[:, k] * weight
-        out[z0:z0 + len(chunk)] = (acc / norm)[:, :ny, :nx]
+            acc[:, y0:y0 + th, x0:x0 + tw] += probs[:, k] * weight[..., None]
+        out[z0:z0 + len(chunk)] = (acc / norm[..., None])[:, :ny, :nx]
     return out
 
 
@@ -189,8 +239,8 @@ def as_plane_stack(volume: np.ndarray, plane: str) -> np.ndarray:
 
 
 def from_plane_stack(stack: np.ndarray, plane: str) -> np.ndarray:
-    """Inverse of :func:`as_plane_stack`: back to (z, y, x)."""
-    return np.transpose(stack, np.argsort(PLANE_AXES[plane]))
+    """Inverse of :func:`as_plane_stack`: back to (z, y, x); trailing axes (channels) stay last."""
+    return np.transpose(stack, (*np.argsort(PLANE_AXES[plane]), *range(3, np.ndim(stack))))
 
 
 # The U-Net segmenter -----------------------------------------------------------------
@@ -207,6 +257,47 @@ def batch_norm_momentum(training_steps: int, *, default: float = 0.99, initial_w
     """
     return float(min(default, initial_weight ** (1.0 / max(training_steps, 1))))
 
+
+def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int) -> None:
+    """Re-estimate every batch-norm layer's moving mean and variance for the trained weights.
+
+    Keras keeps exponential moving averages of the batch statistics, taken
+    while the weights still changed; after a short run at a high learning rate
+    they lag the final weights, and inference (which uses them) drifts from
+    what training saw: measured on three-class core/shell disks, P(core) fell
+    to a Dice of 0.03 with the moving averages and 0.96 with batch statistics.
+    So after training, the statistics are recomputed as the plain average over
+    the training images, in batches of the training batch size (the
+    statistics training normalized with), dropout off, weights fixed: the
+    standard "update bn" pass of stochastic weight averaging (Izmailov et al.
+    2018, torch.optim.swa_utils.update_bn).
+
+    Parameters
+    ----------
+    model
+        The trained Keras model; only its batch-norm moving statistics change.
+    images
+        (n, height, width, channels) the training inputs.
+    batch_size
+        Images per batch, as in training.
+    """
+    import keras
+
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    dropouts = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    momenta, rates = [layer.momentum for layer in norms], [layer.rate for layer in dropouts]
+    try:
+        for layer in dropouts:
+            layer.rate = 0.0
+        for k, start in enumerate(range(0, len(images), batch_size)):
+            for layer in norms:
+                layer.momentum = k / (k + 1)  # running mean over the batches: the first replaces the old value
+            model(images[start:start + batch_size], training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+        for layer, rate in zip(dropouts, rates):
+            layer.rate = rate
 
 
 class UNetSegmenter:
@@ -233,6 +324,9 @@ class UNetSegmenter:
         was trained on.
     probability_threshold
         P(Si) above which a voxel is Si.
+    n_classes
+        2 (the seed's Si vs background, sigmoid output) or 3 (background, Si
+        without lithium, lithiated Si: softmax; see :func:`labels_from_phase`).
     model
         An already built or loaded Keras model (else built by :meth:`fit`).
 
@@ -247,7 +341,7 @@ class UNetSegmenter:
                  epochs: int = 150, batch_size: int = 1, learning_rate: float = 1e-4, validation_split: float = 0.3,
                  augmentations_per_slice: int = 3, tile_overlap_fraction: float = 0.125,
                  inference_batch_size: int = 8, probability_threshold: float = 0.5, slice_planes=("yx",),
-                 model=None):
+                 n_classes: int = 2, model=None):
         self.tile_shape_px = tuple(int(n) for n in tile_shape_px)
         if any(n % 2**depth for n in self.tile_shape_px):
             raise ValueError(f"tile_shape_px: must be divisible by 2**depth = {2**depth}, got {self.tile_shape_px}")
@@ -258,6 +352,9 @@ class UNetSegmenter:
         self.tile_overlap_fraction = tile_overlap_fraction
         self.inference_batch_size = inference_batch_size
         self.probability_threshold = probability_threshold
+        if n_classes not in (2, 3):
+            raise ValueError(f"n_classes: 2 or 3, got {n_classes}")
+        self.n_classes = n_classes
         self.slice_planes = tuple(slice_planes)
         if not self.slice_planes or any(p not in PLANE_AXES for p in self.slice_planes):
             raise ValueError(f"slice_planes: need one or more of {sorted(PLANE_AXES)}, got {slice_planes!r}")
@@ -272,7 +369,8 @@ class UNetSegmenter:
                    epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
                    validation_split=s.validation_split, augmentations_per_slice=s.augmentations_per_slice,
                    tile_overlap_fraction=s.tile_overlap_fraction, inference_batch_size=s.inference_batch_size,
-                   probability_threshold=s.probability_threshold, slice_planes=s.slice_planes, model=model)
+                   probability_threshold=s.probability_threshold, slice_planes=s.slice_planes,
+                   n_classes=s.n_classes, model=model)
 
     # training -------------------------------------------------------------------------
     def fit(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> UNetSegmenter:
@@ -283,7 +381,7 @@ class UNetSegmenter:
         images
             (n, height, width) grey values of the annotated slices, each the tile size.
         masks
-            (n, height, width) annotations: 1 Si, 0 background.
+            (n, height, width) annotations: 0 background, 1 Si (and 2 lithiated Si with three classes).
         rng
             Seeds the augmentation, the validation split, the weights and the
             batch order (TensorFlow's global seed via ``keras.utils.set_random_seed``).
@@ -306,6 +404,9 @@ class UNetSegmenter:
         if images.ndim != 3 or images.shape != masks.shape or images.shape[1:] != self.tile_shape_px:
             raise ValueError(f"images, masks: need equal (n, {self.tile_shape_px[0]}, {self.tile_shape_px[1]}) shapes, "
                              f"got {images.shape} and {masks.shape}")
+        if masks.size and (masks.min() < 0 or masks.max() >= self.n_classes):
+            raise ValueError(f"masks: labels must lie in 0..{self.n_classes - 1} for {self.n_classes} classes, "
+                             f"got {masks.min()}..{masks.max()}")
         n = len(images)
         n_val = min(n - 1, int(round(self.validation_split * n)))
         order = rng.permutation(n)
@@ -320,8 +421,9 @@ class UNetSegmenter:
         steps = self.epochs * int(np.ceil(len(x_train) / self.batch_size))
         model = build_unet(depth=self.depth, base_filters=self.base_filters, dropout=self.dropout,
                            input_offset=float(-lo * scale), input_scale=float(scale),
-                           batch_norm_momentum=batch_norm_momentum(steps))
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=self.learning_rate), loss="binary_crossentropy")
+                           batch_norm_momentum=batch_norm_momentum(steps), n_classes=self.n_classes)
+        loss = "binary_crossentropy" if self.n_classes == 2 else "sparse_categorical_crossentropy"
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=self.learning_rate), loss=loss)
         device = tensorflow_device()
         log.info("training %s on %s: %d train + %d validation images of %s px, %d epochs",
                  model.name, device, len(x_train), 0 if x_val is None else len(x_val), self.tile_shape_px, self.epochs)
@@ -329,6 +431,7 @@ class UNetSegmenter:
         hist = model.fit(x_train[..., None], y_train[..., None].astype(np.float32), batch_size=self.batch_size,
                          epochs=self.epochs, shuffle=True, verbose=0,
                          validation_data=None if x_val is None else (x_val[..., None], y_val[..., None].astype(np.float32)))
+        recalibrate_batch_norm(model, x_train[..., None], self.batch_size)
         seconds = time.perf_counter() - start
         self.model = model
         self.history = {
@@ -350,9 +453,9 @@ class UNetSegmenter:
             raise StageError("UNetSegmenter: no model; call fit() or load() first")
         return self.model
 
-    def probability(self, volume: np.ndarray) -> np.ndarray:
-        """P(Si) of every voxel, (z, y, x) float32: tiled, blended inference over the slices of each of
-        ``slice_planes``, averaged over the planes."""
+    def class_probabilities(self, volume: np.ndarray) -> np.ndarray:
+        """Each class's probability, (z, y, x, n_classes) float32, background first: tiled, blended inference
+        over the slices of each of ``slice_planes``, averaged over the planes."""
         model = self._require_model()
         volume = np.asarray(volume, dtype=np.float32)
         planes = self.slice_planes
@@ -364,16 +467,23 @@ class UNetSegmenter:
         def predict_batch(tiles):
             return model.predict(tiles, batch_size=self.inference_batch_size, verbose=0)
 
-        total = np.zeros(volume.shape, np.float32)
+        channels = 1 if self.n_classes == 2 else self.n_classes
+        total = np.zeros((*volume.shape, channels), np.float32)
         for plane in planes:
             stack = predict_tiled(predict_batch, as_plane_stack(volume, plane), tile_shape_px=self.tile_shape_px,
                                   overlap_px=overlap, align_px=2**self.depth)
             total += from_plane_stack(stack, plane)
-        return total / len(planes)
+        total /= len(planes)
+        return np.concatenate([1.0 - total, total], axis=-1) if self.n_classes == 2 else total
+
+    def probability(self, volume: np.ndarray) -> np.ndarray:
+        """P(Si) of every voxel, (z, y, x) float32 (1 - P(background))."""
+        p = self.class_probabilities(volume)
+        return 1.0 - p[..., 0]
 
     def segment(self, volume: np.ndarray) -> np.ndarray:
-        """Labels (z, y, x) uint8: 1 where P(Si) > the threshold, else 0."""
-        return (self.probability(volume) > self.probability_threshold).astype(np.uint8)
+        """Labels (z, y, x) uint8 by :func:`labels_from_class_probabilities` with ``probability_threshold``."""
+        return labels_from_class_probabilities(self.class_probabilities(volume), self.probability_threshold)
 
     # persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -413,8 +523,13 @@ class UNetSegmenter:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
         except Exception as exc:  # keras raises ValueError, zipfile.BadZipFile, OSError, ... for a bad file
             raise InputFileError(path, f"not a loadable .keras model ({type(exc).__name__}: {exc})") from None
-        if len(model.inputs) != 1 or model.outputs[0].shape[-1] != 1:
-            raise InputFileError(path, "expected a one-input, one-channel-output segmentation model")
+        channels = model.outputs[0].shape[-1]
+        if len(model.inputs) != 1 or channels not in (1, 3):
+            raise InputFileError(path, "expected a one-input segmentation model with one (Si) or three (background, Si, "
+                                       f"lithiated Si) output channels, got {channels}")
+        n_classes = 2 if channels == 1 else channels
+        if options.setdefault("n_classes", n_classes) != n_classes:
+            raise InputFileError(path, f"the model has {n_classes} classes, {options['n_classes']} were asked for")
         depth = sum(1 for layer in model.layers if layer.name.startswith("att") and layer.name.endswith("_alpha"))
         options.setdefault("depth", max(depth, 1))
         if any(int(n) % 2 ** options["depth"] for n in options.get("tile_shape_px", (256, 512))):
@@ -432,7 +547,9 @@ def degrade_annotation(mask: np.ndarray, rng: np.random.Generator, *, boundary_j
     Parameters
     ----------
     mask
-        (height, width) true Si mask.
+        (height, width) true labels: 0 background, 1 Si (and 2 lithiated Si). The
+        jitter and the missed particles act on the Si outline; a pixel the
+        jittered outline adds takes the class of the nearest Si pixel.
     rng
         Source of the jitter field.
     boundary_jitter_px
@@ -450,15 +567,18 @@ def degrade_annotation(mask: np.ndarray, rng: np.random.Generator, *, boundary_j
     from scipy import ndimage
     from skimage import morphology
 
-    out = np.asarray(mask).astype(bool)
+    labels = np.asarray(mask).astype(np.uint8)
+    out = labels > 0
     if min_particle_area_px > 0:
         out = morphology.remove_small_objects(out, max_size=min_particle_area_px - 1)
-    if boundary_jitter_px > 0:
+    if boundary_jitter_px > 0 and out.any():
         signed = ndimage.distance_transform_edt(out) - ndimage.distance_transform_edt(~out)
         noise = ndimage.gaussian_filter(rng.standard_normal(out.shape), sigma=4.0, mode="wrap")
         noise *= boundary_jitter_px / max(float(noise.std()), 1e-12)
+        nearest = ndimage.distance_transform_edt(~out, return_distances=False, return_indices=True)
+        labels = labels[tuple(nearest)]
         out = signed + noise > 0
-    return out.astype(np.uint8)
+    return np.where(out, labels, 0).astype(np.uint8)
 
 
 def training_slices(volume: np.ndarray, mask: np.ndarray, z_indices, rng: np.random.Generator,
@@ -518,8 +638,8 @@ def _read_variable(path: Path, name: str) -> np.ndarray:
 def compute_segmentation_training(ctx) -> None:
     """Stage ``segmentation_training`` (once): train model 1 (early scans) and model 2 (the rest).
 
-    The annotated slices are the phantom's true Si labels (``phantoms.phases.si_mask``),
-    optionally degraded (``segmentation.annotation_*``), on tile-sized crops of
+    The annotated slices are the phantom's true labels (:func:`labels_from_phase`
+    with ``segmentation.n_classes``), optionally degraded (``segmentation.annotation_*``), on tile-sized crops of
     slices of the reconstructed ``volume`` in the planes ``segmentation.slice_planes``
     (seed: the (y, x) slices; vertical (z, x) and (z, y) slices each hold the
     current collector, the electrode and the separator). Each model gets
@@ -534,7 +654,6 @@ def compute_segmentation_training(ctx) -> None:
     """
     import xarray as xr
 
-    from phantoms.phases import si_mask
     from twin.io import write_netcdf
 
     sc = ctx.scenario.segmentation
@@ -546,7 +665,7 @@ def compute_segmentation_training(ctx) -> None:
             raise StageError(f"segmentation.second_model_from_scan = {sc.second_model_from_scan}: model {k} has no scans "
                              f"among the inputs {scans}")
     rng = ctx.rng
-    report: dict = {"device": tensorflow_device(), "models": {}}
+    report: dict = {"device": tensorflow_device(), "n_classes": sc.n_classes, "models": {}}
     slices_ds = {}
     for k, members in groups.items():
         per_scan = {s: (sc.n_training_slices // len(members)) + (i < sc.n_training_slices % len(members))
@@ -556,7 +675,7 @@ def compute_segmentation_training(ctx) -> None:
             if count == 0:
                 continue
             volume = _read_variable(ctx.input("reconstruction", scan) / "volume.nc", "volume")
-            truth = si_mask(_read_variable(ctx.input("truth", scan) / "phantom.nc", "phase"))
+            truth = labels_from_phase(_read_variable(ctx.input("truth", scan) / "phantom.nc", "phase"), sc.n_classes)
             if volume.shape != truth.shape:
                 raise InputFileError(ctx.input("reconstruction", scan) / "volume.nc",
                                      f"volume shape {volume.shape} differs from the truth's {truth.shape}")
@@ -587,7 +706,8 @@ def compute_segmentation_training(ctx) -> None:
             "valid": (("model", "slice"), np.zeros((2, n), bool)),
         },
         coords={"model": [1, 2]},
-        attrs={"description": "annotated training slices (before augmentation) of each model"},
+        attrs={"description": "annotated training slices (before augmentation) of each model",
+               "flag_meanings": CLASS_NAMES[sc.n_classes]},
     )
     for k, (im, ma) in slices_ds.items():
         ds["image"][k - 1, : len(im)] = im
@@ -625,7 +745,7 @@ def compute_segmentation(ctx) -> None:
     sc = ctx.scenario.segmentation
     scan = ctx.item
     if ctx.scenario.oracle.true_labels:
-        write_true_labels(ctx.input("truth", scan) / "phantom.nc", ctx.out_dir, scan=scan)
+        write_true_labels(ctx.input("truth", scan) / "phantom.nc", ctx.out_dir, scan=scan, n_classes=sc.n_classes)
         return
     volume_path = ctx.input("reconstruction", scan) / "volume.nc"
     volume = _read_variable(volume_path, "volume")
@@ -634,22 +754,23 @@ def compute_segmentation(ctx) -> None:
     results: dict[str, np.ndarray] = {}
     for method in dict.fromkeys([sc.method, *sc.baselines]):
         if method == "unet":
-            seg = UNetSegmenter.load(training / f"model_{k}.keras", tile_shape_px=sc.tile_shape_px,
+            seg = UNetSegmenter.load(training / f"model_{k}.keras", tile_shape_px=sc.tile_shape_px, n_classes=sc.n_classes,
                                      tile_overlap_fraction=sc.tile_overlap_fraction, slice_planes=sc.slice_planes,
                                      inference_batch_size=sc.inference_batch_size,
                                      probability_threshold=sc.probability_threshold)
         else:
             seg = _fitted_baseline(method, str(training), k, sc.random_forest_n_estimators, ctx.scenario.run.seed,
-                                   tuple(sc.slice_planes))
+                                   tuple(sc.slice_planes), sc.n_classes)
         results[method] = seg.segment(volume)
     write_labels(ctx.out_dir, results[sc.method], volume_path=volume_path,
                  extra={f"labels_{m}": v for m, v in results.items() if m != sc.method},
-                 attrs={"method": sc.method, "model": f"model_{k}.keras" if sc.method == "unet" else "", "scan": scan})
+                 attrs={"method": sc.method, "model": f"model_{k}.keras" if sc.method == "unet" else "", "scan": scan},
+                 n_classes=sc.n_classes)
 
 
 @functools.lru_cache(maxsize=4)
 def _fitted_baseline(method: str, training_dir: str, model: int, n_estimators: int, seed: int,
-                     slice_planes: tuple[str, ...]):
+                     slice_planes: tuple[str, ...], n_classes: int):
     """A baseline fitted on model ``model``'s annotated slices: one per model, like the U-Nets.
 
     Seeded by the run's seed and the model, not the scan, so every scan of a group gets the same
@@ -660,19 +781,21 @@ def _fitted_baseline(method: str, training_dir: str, model: int, n_estimators: i
 
     images, masks = read_training_slices(Path(training_dir) / "training_slices.nc", model)
     rng = np.random.default_rng([seed, model, zlib.crc32(method.encode())])
-    return make_baseline(method, n_estimators=n_estimators, slice_planes=slice_planes).fit(images, masks, rng)
+    return make_baseline(method, n_estimators=n_estimators, slice_planes=slice_planes,
+                         n_classes=n_classes).fit(images, masks, rng)
 
 
-def write_true_labels(phantom_nc: Path, out_dir: Path, *, scan: str) -> None:
-    """The error budget's oracle segmentation: the phantom's true Si mask, written as a segmentation would be."""
-    from phantoms.phases import si_mask
-
+def write_true_labels(phantom_nc: Path, out_dir: Path, *, scan: str, n_classes: int = 2) -> None:
+    """The error budget's oracle segmentation: the phantom's true labels, written as a segmentation would be."""
     phase = _read_variable(phantom_nc, "phase")
-    write_labels(out_dir, si_mask(phase), volume_path=phantom_nc, attrs={"method": "oracle", "model": "", "scan": scan})
+    write_labels(out_dir, labels_from_phase(phase, n_classes), volume_path=phantom_nc, n_classes=n_classes,
+                 attrs={"method": "oracle", "model": "", "scan": scan})
 
 
-def write_labels(out_dir: Path, labels: np.ndarray, *, volume_path: Path | None = None, extra=None, attrs=None) -> None:
-    """Write ``labels.nc`` (``labels`` uint8 + ``extra`` variables, coords/attrs copied from the volume) and ``labels.tif``."""
+def write_labels(out_dir: Path, labels: np.ndarray, *, volume_path: Path | None = None, extra=None, attrs=None,
+                 n_classes: int = 2) -> None:
+    """Write ``labels.nc`` (``labels`` uint8 + ``extra`` variables, coords/attrs copied from the volume; the
+    attribute ``n_classes`` says whether label 2 means lithiated Si) and ``labels.tif``."""
     import tifffile
     import xarray as xr
 
@@ -683,10 +806,10 @@ def write_labels(out_dir: Path, labels: np.ndarray, *, volume_path: Path | None 
         with xr.open_dataset(volume_path, engine=NETCDF_ENGINE) as ds:
             coords = {d: ds[d].values for d in ("z", "y", "x") if d in ds.coords and ds.sizes[d] == labels.shape["zyx".index(d)]}
             base_attrs = {k: v for k, v in ds.attrs.items() if k == "voxel_size_um"}
-    variables = {"labels": (("z", "y", "x"), labels.astype(np.uint8), {"flag_values": [0, 1], "flag_meanings": "background Si"})}
-    for name, value in (extra or {}).items():
-        variables[name] = (("z", "y", "x"), value.astype(np.uint8))
-    ds = xr.Dataset(variables, coords=coords, attrs={**base_attrs, **(attrs or {})})
+    flags = {"flag_values": list(range(n_classes)), "flag_meanings": CLASS_NAMES[n_classes]}
+    variables = {name: (("z", "y", "x"), value.astype(np.uint8), flags)
+                 for name, value in {"labels": labels, **(extra or {})}.items()}
+    ds = xr.Dataset(variables, coords=coords, attrs={**base_attrs, **(attrs or {}), "n_classes": n_classes})
     out_dir = Path(out_dir)
     write_netcdf(ds, out_dir / "labels.nc")
     with atomic_path(out_dir / "labels.tif") as tmp:
@@ -694,13 +817,18 @@ def write_labels(out_dir: Path, labels: np.ndarray, *, volume_path: Path | None 
 
 
 def read_annotated_slices(images_path: str | Path, annotations_path: str | Path, *,
-                          si_label: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The user's annotated slices: grey values and Si masks (``annotation == si_label``) as (n, y, x).
+                          si_label: int = 1, n_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The user's annotated slices: grey values and labels as (n, y, x).
+
+    With two classes the labels are the Si mask (``annotation == si_label``);
+    with three the annotation must hold 0 (background), 1 (Si without lithium)
+    and 2 (lithiated Si) and is returned as it is.
 
     Raises
     ------
     InputFileError
-        Unreadable files, shapes that differ, or annotations without any Si or background.
+        Unreadable files, shapes that differ, annotations without any Si or
+        background, or values outside 0..2 for three classes.
     """
     from twin.io import read_volume
 
@@ -708,10 +836,17 @@ def read_annotated_slices(images_path: str | Path, annotations_path: str | Path,
     labels, _ = read_volume(annotations_path, allow_2d=True)
     if grey.shape != labels.shape:
         raise InputFileError(annotations_path, f"shape {labels.shape} differs from the images' {grey.shape} ({images_path})")
-    mask = labels == si_label
+    if n_classes == 3:
+        bad = ~np.isin(labels, (LABEL_BACKGROUND, LABEL_SI, LABEL_LITHIATED_SI))
+        if bad.any():
+            raise InputFileError(annotations_path, f"three-class annotations hold 0, 1, 2 only; found {labels[bad][0]}")
+        mask = labels.astype(np.uint8)
+    else:
+        mask = (labels == si_label).astype(np.uint8)
     if not mask.any() or mask.all():
-        raise InputFileError(annotations_path, f"needs both Si (value {si_label}) and background pixels")
-    return grey, mask.astype(np.uint8)
+        raise InputFileError(annotations_path, f"needs both Si (value {si_label if n_classes == 2 else '1 or 2'}) "
+                                               "and background pixels")
+    return grey, mask
 
 
 def tiles_from_slices(images: np.ndarray, masks: np.ndarray,

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.ndimage as ndi
 import xarray as xr
 
+from pipeline.segmentation import si_from_labels
 from twin.errors import InputFileError, StageError
 from twin.io import atomic_path
 
@@ -172,7 +173,7 @@ def _read_labels(path: Path) -> np.ndarray:
     with xr.open_dataset(path, engine="h5netcdf") as ds:
         if "labels" not in ds:
             raise InputFileError(path, f"no variable 'labels' (has {sorted(ds.data_vars)})")
-        return ds["labels"].values == 1
+        return si_from_labels(ds["labels"].values)
 
 
 def compute_tracking(ctx) -> None:

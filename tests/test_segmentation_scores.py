@@ -6,7 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phantoms.phases import Phase
-from validation.segmentation_scores import mask_scores, particle_detection_rate, segmentation_scores
+from validation.segmentation_scores import (
+    lithiation_scores,
+    mask_scores,
+    particle_detection_rate,
+    segmentation_scores,
+)
 
 
 def _ball(shape, center, radius):
@@ -84,3 +89,23 @@ def test_grey_level_ceiling_of_si_hidden_in_the_matrix(lithiated_share):
     delta = np.select([phase == Phase.COPPER, phase == Phase.SI_CRYSTALLINE], [5.0, 2.0], 1.0)
     s = hidden.sum() / si.sum()
     assert grey_level_ceiling(delta, phase) == pytest.approx(2 * (1 - s) / (2 - s), abs=1e-12)
+
+
+def test_lithiation_scores_of_a_front_placed_two_voxels_deep():
+    # 20 Si voxel layers along x, the true lithiated shell the first 10; the segmentation puts the front at 8
+    phase = np.full((4, 4, 30), Phase.ELECTROLYTE, np.uint8)
+    phase[..., :20] = Phase.SI_CRYSTALLINE
+    phase[..., :10] = Phase.SI_LITHIATED
+    phase[..., 15:20] = Phase.SI_AMORPHOUS  # delithiated Si belongs with the crystalline
+    labels = np.zeros(phase.shape, np.uint8)
+    labels[..., :20] = 1
+    labels[..., :8] = 2
+    scores = lithiation_scores(labels, phase)
+    assert scores["dice_lithiated_si"] == pytest.approx(2 * 8 / (8 + 10))
+    assert scores["dice_si_without_lithium"] == pytest.approx(2 * 10 / (12 + 10))
+    assert scores["lithiated_share_error"] == pytest.approx(abs(8 / 20 - 10 / 20))
+    named = segmentation_scores(labels, phase, None, scan="T4", voxel_size_um=0.4, n_classes=3)
+    assert named["segmentation.dice_si.T4"] == 1.0  # both Si classes count as Si
+    assert named["segmentation.lithiated_share_error.T4"] == pytest.approx(0.1)
+    assert "segmentation.dice_lithiated_si.T4" not in segmentation_scores(labels > 0, phase, None, scan="T4",
+                                                                          voxel_size_um=0.4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from _segmentation_data import disk_slices
+from _segmentation_data import core_shell_slices, disk_slices
 from phantoms.phases import Phase
 from pipeline.segmentation import configure_tensorflow
 from twin.io import write_netcdf
@@ -25,10 +25,16 @@ SMALL = ["segmentation.tile_shape_px=[32,32]", "segmentation.depth=1", "segmenta
          'segmentation.slice_planes=["yx"]']
 
 
-def _write_scan(root: Path, scan: str, rng) -> tuple[Path, Path]:
-    """A (6, 32, 40) volume of disks with a copper slab at z = 0, and its phantom truth."""
-    images, masks = disk_slices(6, 32, 40, rng, n_disks=4, radius_px=(4, 8))
-    phase = np.where(masks, Phase.SI_CRYSTALLINE, Phase.ELECTROLYTE).astype(np.uint8)
+def _write_scan(root: Path, scan: str, rng, *, lithiated_shells: bool = False) -> tuple[Path, Path]:
+    """A (6, 32, 40) volume of disks (with lithiated shells: crystalline cores in Li_xSi shells) with a copper slab
+    at z = 0, and its phantom truth."""
+    if lithiated_shells:
+        images, labels = core_shell_slices(6, 32, 40, rng, n_disks=4, radius_px=(5, 9))
+        masks = labels > 0
+        phase = np.choose(labels, [Phase.ELECTROLYTE, Phase.SI_CRYSTALLINE, Phase.SI_LITHIATED]).astype(np.uint8)
+    else:
+        images, masks = disk_slices(6, 32, 40, rng, n_disks=4, radius_px=(4, 8))
+        phase = np.where(masks, Phase.SI_CRYSTALLINE, Phase.ELECTROLYTE).astype(np.uint8)
     phase[0] = Phase.COPPER
     volume = images.copy()
     volume[0] = 1.0 + rng.normal(0, 0.1, volume[0].shape)
@@ -79,6 +85,43 @@ def test_training_and_segmentation_stages_write_the_contract_files(tmp_path):
             "segmentation.particle_detection_rate.T3"} <= set(scores)
     # the random forest sees the copper slab in training and keeps it out of the Si class
     assert scores["segmentation.dice_si_random_forest.T3"] > 0.8
+
+
+@pytest.mark.slow
+def test_three_class_stages_label_lithiated_si_and_score_it(tmp_path):
+    from pipeline.segmentation import compute_segmentation, compute_segmentation_training
+    from validation.segmentation_scores import LITHIATION_METRICS, score_files
+
+    rng = np.random.default_rng(1)
+    inputs = {}
+    for scan in SCANS:
+        rec, tru = _write_scan(tmp_path / "in", scan, rng, lithiated_shells=True)
+        inputs[("reconstruction", scan)], inputs[("truth", scan)] = rec, tru
+    sc = load_scenario("tiny", [*SMALL, "segmentation.n_classes=3"])
+    train_dir, seg_dir = tmp_path / "training", tmp_path / "segmentation"
+    train_dir.mkdir(), seg_dir.mkdir()
+    compute_segmentation_training(StageContext("segmentation_training", None, sc, train_dir, inputs, 1, "k"))
+    with xr.open_dataset(train_dir / "training_slices.nc", engine="h5netcdf") as ds:
+        assert set(np.unique(ds["annotation"].values)) == {0, 1, 2}  # the truth's Li_xSi is annotated 2
+    seg_inputs = {("reconstruction", "T3"): inputs[("reconstruction", "T3")], ("segmentation_training", None): train_dir}
+    compute_segmentation(StageContext("segmentation", "T3", sc, seg_dir, seg_inputs, 1, "k"))
+    with xr.open_dataset(seg_dir / "labels.nc", engine="h5netcdf") as ds:
+        assert ds.attrs["n_classes"] == 3 and list(ds["labels"].attrs["flag_values"]) == [0, 1, 2]
+        assert set(np.unique(ds["labels_random_forest"].values)) == {0, 1, 2}
+    scores = score_files(seg_dir / "labels.nc", inputs[("truth", "T3")] / "phantom.nc", scan="T3")
+    for suffix in ("", "_otsu", "_random_forest"):
+        assert {f"segmentation.{m}{suffix}.T3" for m in LITHIATION_METRICS} <= set(scores)
+    # three grey levels 0.3 apart under noise 0.05: the forest finds both Si classes
+    assert scores["segmentation.dice_lithiated_si_random_forest.T3"] > 0.8
+    assert scores["segmentation.dice_si_without_lithium_random_forest.T3"] > 0.8
+    # the oracle writes the true three-class labels, which score perfectly
+    oracle = load_scenario("tiny", [*SMALL, "segmentation.n_classes=3", "oracle.true_labels=true"])
+    oracle_dir = tmp_path / "oracle"
+    oracle_dir.mkdir()
+    compute_segmentation(StageContext("segmentation", "T3", oracle, oracle_dir, {("truth", "T3"): inputs[("truth", "T3")]},
+                                      1, "k"))
+    perfect = score_files(oracle_dir / "labels.nc", inputs[("truth", "T3")] / "phantom.nc", scan="T3")
+    assert perfect["segmentation.dice_lithiated_si.T3"] == 1.0 and perfect["segmentation.lithiated_share_error.T3"] == 0
 
 
 @pytest.mark.slow

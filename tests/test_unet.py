@@ -80,3 +80,16 @@ def test_invalid_depth_is_refused():
 
     with pytest.raises(ValueError, match="depth"):
         build_unet(depth=0)
+
+
+def test_three_class_output_is_a_softmax_over_the_classes():
+    from pipeline._unet import build_unet
+
+    model = build_unet(depth=1, base_filters=4, n_classes=3)
+    x = np.random.default_rng(1).random((2, 16, 24, 1)).astype(np.float32)
+    y = np.asarray(model(x, training=False))
+    assert y.shape == (2, 16, 24, 3)
+    assert y.min() >= 0.0
+    np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="n_classes"):
+        build_unet(depth=1, n_classes=1)

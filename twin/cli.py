@@ -174,9 +174,12 @@ def segment(
     scenario: StageScenarioOpt = "quickstart",
     set_: SetOpt = None,
 ) -> None:
-    """Segment a volume into a label volume: labels.nc (`labels` uint8, 1 = Si) and labels.tif."""
+    """Segment a volume into a label volume: labels.nc (`labels` uint8, 1 = Si; 2 = lithiated Si for a
+    three-class model) and labels.tif."""
+    import numpy as np
+
     from twin.io import read_volume
-    from pipeline.segmentation import UNetSegmenter, write_labels
+    from pipeline.segmentation import LABEL_LITHIATED_SI, UNetSegmenter, si_from_labels, write_labels
 
     sc = _scenario(scenario, set_).segmentation
     data, _ = read_volume(volume)
@@ -184,8 +187,12 @@ def segment(
                              inference_batch_size=sc.inference_batch_size, probability_threshold=sc.probability_threshold,
                              slice_planes=sc.slice_planes)
     labels = seg.segment(data)
-    write_labels(out_dir, labels, volume_path=volume, attrs={"method": "unet", "model": str(model)})
-    out.print(f"{out_dir / 'labels.nc'}: {labels.shape} voxels, Si fraction {labels.mean():.3f}", markup=False)
+    write_labels(out_dir, labels, volume_path=volume, attrs={"method": "unet", "model": str(model)},
+                 n_classes=seg.n_classes)
+    si = si_from_labels(labels)
+    lithiated = (f", lithiated share of the Si {np.count_nonzero(labels == LABEL_LITHIATED_SI) / max(si.sum(), 1):.3f}"
+                 if seg.n_classes == 3 else "")
+    out.print(f"{out_dir / 'labels.nc'}: {labels.shape} voxels, Si fraction {si.mean():.3f}{lithiated}", markup=False)
 
 
 @app.command()
@@ -210,7 +217,8 @@ def dic(
 def train(
     images: Annotated[Path, typer.Argument(help="Grey-value slices: a 2D TIFF or a stack (n, y, x).")],
     annotations: Annotated[Path, typer.Argument(help="Their annotations (TIFF, same shape), e.g. exported from ilastik.")],
-    si_label: Annotated[int, typer.Option("--si-label", help="Value of the Si class in the annotations.")] = 1,
+    si_label: Annotated[int, typer.Option("--si-label", help="Value of the Si class in the annotations (two classes; "
+                                          "with segmentation.n_classes=3 they must hold 0, 1 and 2).")] = 1,
     out_dir: OutOpt = Path("model"),
     scenario: StageScenarioOpt = "quickstart",
     set_: SetOpt = None,
@@ -224,7 +232,7 @@ def train(
     from twin.io import atomic_path
 
     sc = _scenario(scenario, set_)
-    grey, mask = read_annotated_slices(images, annotations, si_label=si_label)
+    grey, mask = read_annotated_slices(images, annotations, si_label=si_label, n_classes=sc.segmentation.n_classes)
     tiles, tile_masks = tiles_from_slices(grey, mask, tuple(sc.segmentation.tile_shape_px))
     seg = UNetSegmenter.from_scenario(sc.segmentation).fit(tiles, tile_masks, np.random.default_rng(sc.run.seed))
     seg.save(out_dir / "model.keras")

@@ -228,6 +228,9 @@ class Segmentation(_Section):
     """Attention residual U-Net (seed Note 4)."""
 
     method: Literal["unet", "otsu", "random_forest"] = "unet"
+    n_classes: Literal[2, 3] = Field(
+        2, description="2: the seed's Si vs background; 3: background, Si without lithium (crystalline or delithiated) and"
+        " lithiated Li_xSi (labels 0, 1, 2), scored per class as well (segmentation.dice_lithiated_si, ...).")
     tile_shape_px: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] = [256, 512]
     n_training_slices: PositiveInt = 12
     slice_planes: list[Literal["yx", "zx", "zy"]] = Field(

@@ -71,9 +71,9 @@ def twin_stages() -> list[Stage]:
         Stage("reconstruction", 1, ("reconstruction", "beamline", "sample.voxel_size_um", "oracle.true_delta"),
               Lazy("pipeline.reconstruction:compute_reconstruction"),
               needs=lambda item, r: [("truth" if r.scenario.oracle.true_delta else "holograms", item)], items=scans),
-        Stage("segmentation_training", 1, ("segmentation",), Lazy("pipeline.segmentation:compute_segmentation_training"),
+        Stage("segmentation_training", 2, ("segmentation",), Lazy("pipeline.segmentation:compute_segmentation_training"),
               needs=lambda item, r: [n for s in _training_scans(r) for n in (("truth", s), ("reconstruction", s))]),
-        Stage("segmentation", 3, ("segmentation", "oracle.true_labels"), Lazy("pipeline.segmentation:compute_segmentation"),
+        Stage("segmentation", 4, ("segmentation", "oracle.true_labels"), Lazy("pipeline.segmentation:compute_segmentation"),
               needs=lambda item, r: [("truth", item)] if r.scenario.oracle.true_labels
               else [("reconstruction", item), ("segmentation_training", None)], items=scans),
         Stage("dic", 1, ("dic", "sample.voxel_size_um"), Lazy("pipeline.dic:compute_dic"),

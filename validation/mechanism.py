@@ -40,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.ndimage as ndi
 
+from pipeline.segmentation import si_from_labels
 from pipeline.tracking import WATERSHED_LEVEL_VOX, split_particles
 
 MECHANISMS = ("core_shell", "pathway")
@@ -266,7 +267,7 @@ def mechanism_metrics(volume_nc, labels_nc, truth_nc, particles_csv, *, blur_sig
         volume = ds["delta"].values.astype(np.float64)
         voxel = float(ds.attrs["voxel_size_um"])
     with xr.open_dataset(labels_nc, engine="h5netcdf") as ds:
-        labels = ds["labels"].values == 1
+        labels = si_from_labels(ds["labels"].values)
     lab, ids = segmented_particles(labels, watershed_level=watershed_level)
     rows = classify_volume(volume, labels, blur_sigma_px=blur_sigma_px, voxel_size_um=voxel, rng=rng,
                            particles=(lab, ids))

@@ -78,6 +78,8 @@ def compute_validation(ctx: StageContext) -> None:
     metrics.update(_mean_over_scans(metrics, "recon.delta_pearson"))
     metrics.update(_mean_over_scans(metrics, "segmentation.dice_si"))
     metrics.update(_mean_over_scans(metrics, "segmentation.dice_si_grey_ceiling"))
+    for name in ("dice_lithiated_si", "lithiated_share_error"):  # three-class segmentations only
+        metrics.update(_mean_over_scans(metrics, f"segmentation.{name}"))
 
     dic_dirs = {s: ctx.input("dic", s) for s in scans[1:]}
     metrics.update(dic_metrics(ctx.input("dic_composition"), phantoms, dic_dirs=dic_dirs,

@@ -36,6 +36,8 @@ import numpy as np
 import scipy.ndimage
 import xarray as xr
 
+from pipeline.segmentation import si_from_labels
+
 from pipeline.resolution import edge_resolution
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -122,7 +124,7 @@ def resolution_metrics(scenario, truth_nc: Path, volume_nc: Path, labels_nc: Pat
         rec = ds["delta"].values.astype(np.float64)
         attrs = dict(ds.attrs)
     with xr.open_dataset(labels_nc, engine="h5netcdf") as ds:
-        labels = ds["labels"].values == 1
+        labels = si_from_labels(ds["labels"].values)
     with xr.open_dataset(truth_nc, engine="h5netcdf") as ds:
         true_delta = ds["delta"].values.astype(np.float64)
         true_si = si_mask(ds["phase"].values)

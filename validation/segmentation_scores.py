@@ -11,10 +11,18 @@ For a predicted Si mask P and the true Si mask T (``phantoms.phases.si_mask``):
   both masks of the Euclidean distance to the other mask's boundary, µm;
 * per-particle detection rate: the fraction of true particles (``particle``
   ids > 0) with at least half of their Si voxels labelled Si;
+* for a three-class segmentation (``labels.nc`` attribute ``n_classes = 3``,
+  labels of :func:`pipeline.segmentation.labels_from_phase`): the Dice of
+  each Si class, ``dice_lithiated_si`` (label 2 against ``Phase.SI_LITHIATED``)
+  and ``dice_si_without_lithium`` (label 1 against crystalline and
+  delithiated amorphous Si), and ``lithiated_share_error``: the absolute
+  difference between the labelled and the true share of the Si volume that
+  is lithiated, the quantity a reaction-front or state-of-charge analysis
+  reads off the images;
 * the grey-level ceiling ``segmentation.dice_si_grey_ceiling.<scan>``: the
   best Dice a global threshold on the *true* δ reaches (Cu voxels left out,
   as every segmenter learns to; 4096 thresholds over δ's range):
-  :math:`\max_t D(\{δ > t\}, T)`. Lithiated Si (LixSi at x ≈ 2 has the δ of
+  :math:`\\max_t D(\\{δ > t\\}, T)`. Lithiated Si (LixSi at x ≈ 2 has the δ of
   the carbon–binder domain and the electrolyte at 29.6 keV) cannot be told
   from the matrix by its grey value alone, however perfect the image; only
   context (a particle's outline around its shell) can take a segmenter past
@@ -38,6 +46,8 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("dice_si", "iou_si", "boundary_f1", "mean_surface_distance_um", "particle_detection_rate")
+#: Added for three-class segmentations.
+LITHIATION_METRICS = ("dice_lithiated_si", "dice_si_without_lithium", "lithiated_share_error")
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -54,6 +64,31 @@ def _distance_to(boundary: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(~boundary)
 
 
+def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks (1 when both are empty)."""
+    p, t = np.asarray(predicted).astype(bool), np.asarray(truth).astype(bool)
+    total = np.count_nonzero(p) + np.count_nonzero(t)
+    return 1.0 if total == 0 else 2.0 * np.count_nonzero(p & t) / total
+
+
+def lithiation_scores(labels: np.ndarray, phase: np.ndarray) -> dict[str, float]:
+    """Per-class Dice of a three-class label volume and the error of its lithiated share of the Si volume."""
+    from phantoms.phases import Phase, si_mask
+    from pipeline.segmentation import LABEL_LITHIATED_SI, LABEL_SI
+
+    labels, phase = np.asarray(labels), np.asarray(phase)
+    true_lithiated = phase == Phase.SI_LITHIATED
+    true_si = si_mask(phase)
+    predicted_si = np.count_nonzero(np.isin(labels, (LABEL_SI, LABEL_LITHIATED_SI)))
+    share = np.count_nonzero(labels == LABEL_LITHIATED_SI) / predicted_si if predicted_si else float("nan")
+    true_share = np.count_nonzero(true_lithiated) / np.count_nonzero(true_si) if true_si.any() else float("nan")
+    return {
+        "dice_lithiated_si": dice(labels == LABEL_LITHIATED_SI, true_lithiated),
+        "dice_si_without_lithium": dice(labels == LABEL_SI, true_si & ~true_lithiated),
+        "lithiated_share_error": float(abs(share - true_share)),
+    }
+
+
 def mask_scores(predicted: np.ndarray, truth: np.ndarray, *, voxel_size_um: float,
                 boundary_tolerance_px: float = 1.0) -> dict[str, float]:
     """Dice, IoU, boundary F1 and mean surface distance (µm) of two boolean masks of equal shape."""
@@ -63,7 +98,6 @@ def mask_scores(predicted: np.ndarray, truth: np.ndarray, *, voxel_size_um: floa
         raise ValueError(f"predicted and truth: shapes differ, {p.shape} vs {t.shape}")
     inter, sp, st = np.count_nonzero(p & t), np.count_nonzero(p), np.count_nonzero(t)
     union = sp + st - inter
-    dice = 1.0 if sp + st == 0 else 2 * inter / (sp + st)
     iou = 1.0 if union == 0 else inter / union
     bp, bt = _boundary(p), _boundary(t)
     if not bp.any() and not bt.any():
@@ -76,7 +110,7 @@ def mask_scores(predicted: np.ndarray, truth: np.ndarray, *, voxel_size_um: floa
         recall = float(np.mean(dist_to_p[bt] <= boundary_tolerance_px))
         f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
         msd = float(np.concatenate([dist_to_t[bp], dist_to_p[bt]]).mean()) * voxel_size_um
-    return {"dice_si": float(dice), "iou_si": float(iou), "boundary_f1": float(f1), "mean_surface_distance_um": msd}
+    return {"dice_si": dice(p, t), "iou_si": float(iou), "boundary_f1": float(f1), "mean_surface_distance_um": msd}
 
 
 def particle_detection_rate(predicted: np.ndarray, truth: np.ndarray, particle: np.ndarray,
@@ -93,13 +127,13 @@ def particle_detection_rate(predicted: np.ndarray, truth: np.ndarray, particle: 
 
 
 def segmentation_scores(labels: np.ndarray, phase: np.ndarray, particle: np.ndarray | None, *, scan: str,
-                        voxel_size_um: float, name_suffix: str = "") -> dict[str, float]:
+                        voxel_size_um: float, name_suffix: str = "", n_classes: int = 2) -> dict[str, float]:
     """All scores of one label volume against the truth, named ``segmentation.<metric><suffix>.<scan>``.
 
     Parameters
     ----------
     labels
-        (z, y, x) predicted labels, 1 = Si.
+        (z, y, x) predicted labels: 1 = Si (2 = lithiated Si with three classes).
     phase
         (z, y, x) the phantom's ``phase`` (``phantoms.phases.Phase``).
     particle
@@ -110,13 +144,19 @@ def segmentation_scores(labels: np.ndarray, phase: np.ndarray, particle: np.ndar
         Voxel edge, µm.
     name_suffix
         Appended to each metric name (``"_otsu"``).
+    n_classes
+        2, or 3 to add :data:`LITHIATION_METRICS`.
     """
     from phantoms.phases import si_mask
+    from pipeline.segmentation import si_from_labels
 
     truth = si_mask(np.asarray(phase))
-    scores = mask_scores(labels == 1, truth, voxel_size_um=voxel_size_um)
+    predicted = si_from_labels(labels)
+    scores = mask_scores(predicted, truth, voxel_size_um=voxel_size_um)
     if particle is not None:
-        scores["particle_detection_rate"] = particle_detection_rate(labels == 1, truth, particle)
+        scores["particle_detection_rate"] = particle_detection_rate(predicted, truth, particle)
+    if n_classes == 3:
+        scores.update(lithiation_scores(labels, phase))
     return {f"segmentation.{k}{name_suffix}.{scan}": v for k, v in scores.items()}
 
 
@@ -159,6 +199,7 @@ def score_files(labels_nc: str | Path, phantom_nc: str | Path, *, scan: str) -> 
     try:
         with xr.open_dataset(labels_nc, engine=NETCDF_ENGINE) as ds:
             variables = {name: ds[name].values for name in ds.data_vars if name.startswith("labels")}
+            n_classes = int(ds.attrs.get("n_classes", 2))
     except (OSError, ValueError) as exc:
         raise InputFileError(labels_nc, f"cannot read labels ({type(exc).__name__}: {exc})") from None
     if "labels" not in variables:
@@ -168,5 +209,5 @@ def score_files(labels_nc: str | Path, phantom_nc: str | Path, *, scan: str) -> 
             raise InputFileError(labels_nc, f"{name} has shape {labels.shape}, the truth {phase.shape}")
         suffix = name[len("labels"):]
         scores.update(segmentation_scores(labels, phase, particle, scan=scan, voxel_size_um=voxel_size_um,
-                                          name_suffix=suffix))
+                                          name_suffix=suffix, n_classes=n_classes))
     return scores
