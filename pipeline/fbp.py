@@ -2,8 +2,10 @@
 
 Backends (``reconstruction.fbp_backend``):
 
-``astra``       ASTRA CPU ``FBP`` (Ram-Lak), slice by slice — the default on CPU;
-``astra_cuda``  ASTRA ``FBP_CUDA`` — the default when ASTRA sees a GPU;
+``astra``       nabu's ``SinoFilter`` (Ram-Lak) then ASTRA's CPU ``BP``, slice by
+                slice — the default on CPU;
+``astra_cuda``  the same filter then ASTRA ``BP_CUDA`` — the default when ASTRA
+                sees a GPU;
 ``tomopy``      tomopy ``gridrec`` (Ram-Lak), when tomopy is importable;
 ``numpy``       the reference written here: Ram-Lak filter with the
                 spatial-domain kernel of Kak & Slaney (ch. 3), linear
@@ -54,15 +56,13 @@ class FBPBackend(abc.ABC):
     #: Sinograms whose edge columns exceed this fraction of their maximum are treated as truncated.
     truncation_threshold = 1e-3
 
-    def _centred(self, sinos: np.ndarray) -> tuple[np.ndarray, int]:
-        """Shift the columns so that the rotation axis lands on the centre (Fourier shift); edge-pad truncated data.
+    def _axis_centred(self, sinos: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Shift the columns so that the rotation axis lands on the centre (Fourier shift); say whether they are truncated.
 
-        Returns the sinograms and the padding added on each side. Truncated
-        projections (a sample wider than the field, as at the beamline) are
-        edge-padded by half their width: a ramp filter on zero-padded data
-        would see a step at the detector edge and cup the reconstruction.
-        Complete projections (zero at the edges) are not padded, which halves
-        the backprojection's work.
+        Truncated projections (a sample wider than the field, as at the
+        beamline) do not fall to zero at the detector edges: a ramp filter on
+        zero-padded data would see a step there and cup the reconstruction, so
+        they are edge-padded for filtering.
         """
         sinos = np.asarray(sinos, dtype=np.float32)
         if sinos.ndim != 3 or sinos.shape[1:] != (self.angles_rad.size, self.n_columns):
@@ -70,7 +70,12 @@ class FBPBackend(abc.ABC):
         if abs(self.center_offset_px) > 1e-3:
             sinos = shift_columns(sinos, -self.center_offset_px)
         edges = np.abs(sinos[..., [0, -1]]).max() if sinos.size else 0.0
-        truncated = edges > self.truncation_threshold * max(float(np.abs(sinos).max()), 1e-30)
+        return sinos, bool(edges > self.truncation_threshold * max(float(np.abs(sinos).max()), 1e-30))
+
+    def _centred(self, sinos: np.ndarray) -> tuple[np.ndarray, int]:
+        """:meth:`_axis_centred`, truncated sinograms edge-padded by half their width on each side, for backends
+        that filter internally. Returns the sinograms and the padding added on each side."""
+        sinos, truncated = self._axis_centred(sinos)
         pad = self.n_columns // 2 if truncated else 0
         return (np.pad(sinos, ((0, 0), (0, 0), (pad, pad)), mode="edge") if pad else sinos), pad
 
@@ -80,10 +85,22 @@ class FBPBackend(abc.ABC):
 
 
 class AstraFBP(FBPBackend):
-    """ASTRA's CPU ``FBP`` with the Ram-Lak filter, slice by slice."""
+    """nabu's Ram-Lak ``SinoFilter`` then ASTRA's CPU backprojection ``BP`` × π/n_angles, slice by slice.
+
+    The filter pads each row itself (to the power of two >= twice its width;
+    with its edge values when the projections are truncated, else with zeros)
+    and crops the filtered rows back, so only the detector's own columns are
+    backprojected. Backprojecting edge-padded columns (ASTRA's ``FBP`` of a
+    padded sinogram, this backend's former way) costs 1.4-1.6 times as much
+    (ASTRA's CPU backprojector is ray-driven) and changes only voxels outside
+    the detector's field: inside it, on a truncated disk, both are as far
+    from the truth (rms 0.20 and 0.19 of a unit density; they differ by the
+    padding length of the filter). Complete projections give ASTRA's ``FBP``
+    (Shepp-Logan rms 0.029 from the phantom either way).
+    """
 
     name = "astra"
-    _algorithm = "FBP"
+    _algorithm = "BP"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -94,8 +111,14 @@ class AstraFBP(FBPBackend):
         self._vol_geom = astra.create_vol_geom(ny, nx)
 
     def __call__(self, sinos):
+        from nabu.reconstruction.filtering import SinoFilter
+
         astra = self._astra
-        sinos, _ = self._centred(sinos)
+        sinos, truncated = self._axis_centred(sinos)
+        # one sinogram at a time: the padded spectra of a whole slab would outweigh the slab
+        ramp = SinoFilter(sinos.shape[1:], filter_name="ramlak", padding_mode="edge" if truncated else "zeros",
+                          extra_options={"fft_threads": 1})  # slabs run in parallel threads already
+        scale = np.float32(np.pi / self.angles_rad.size)  # (π/N) Σ_θ over [0, π) or [0, 2π), as NumpyFBP
         proj_geom = astra.create_proj_geom("parallel", 1.0, sinos.shape[-1], self.angles_rad)
         projector = None if self._algorithm.endswith("CUDA") else astra.create_projector("linear", proj_geom, self._vol_geom)
         out = np.empty((sinos.shape[0],) + self.output_shape, np.float32)
@@ -104,13 +127,12 @@ class AstraFBP(FBPBackend):
         cfg = astra.astra_dict(self._algorithm)
         cfg["ReconstructionDataId"] = rec_id
         cfg["ProjectionDataId"] = sino_id
-        cfg["option"] = {"FilterType": "ram-lak"}
         if projector is not None:
             cfg["ProjectorId"] = projector
         alg_id = astra.algorithm.create(cfg)
         try:
             for i, sino in enumerate(sinos):
-                astra.data2d.store(sino_id, sino)
+                astra.data2d.store(sino_id, ramp.filter_sino(sino) * scale)
                 astra.algorithm.run(alg_id)
                 out[i] = astra.data2d.get_shared(rec_id)
         finally:
@@ -122,10 +144,10 @@ class AstraFBP(FBPBackend):
 
 
 class AstraCudaFBP(AstraFBP):
-    """ASTRA ``FBP_CUDA`` (same interface and results as :class:`AstraFBP`, on the GPU)."""
+    """The same filter, then ASTRA ``BP_CUDA`` (same interface and results as :class:`AstraFBP`, on the GPU)."""
 
     name = "astra_cuda"
-    _algorithm = "FBP_CUDA"
+    _algorithm = "BP_CUDA"
 
     def __init__(self, *args, **kwargs):
         import astra

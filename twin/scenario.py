@@ -220,7 +220,7 @@ class Reconstruction(_Section):
         "db15", description="Munch deringer wavelet (nabu's default db15; short ones such as db3 suit sinograms under ~200 columns)."
     )
     slab_slices: PositiveInt = Field(
-        32, description="Volume z slices processed together (plus a phase-retrieval margin above and below); bounds memory."
+        64, description="Volume z slices processed together (plus a phase-retrieval margin above and below); bounds memory."
     )
 
 

@@ -68,7 +68,7 @@ def twin_stages() -> list[Stage]:
               needs=lambda item, r: [("microstructure", None), ("rehearsal", None)], items=scans),
         Stage("holograms", 1, ("beamline", "sample.voxel_size_um", "oracle.noise_free_holograms"),
               Lazy("twin.instrument:compute_holograms"), needs=lambda item, r: [("truth", item)], items=scans),
-        Stage("reconstruction", 1, ("reconstruction", "beamline", "sample.voxel_size_um", "oracle.true_delta"),
+        Stage("reconstruction", 2, ("reconstruction", "beamline", "sample.voxel_size_um", "oracle.true_delta"),
               Lazy("pipeline.reconstruction:compute_reconstruction"),
               needs=lambda item, r: [("truth" if r.scenario.oracle.true_delta else "holograms", item)], items=scans),
         Stage("segmentation_training", 2, ("segmentation",), Lazy("pipeline.segmentation:compute_segmentation_training"),
