@@ -237,3 +237,43 @@ def test_rotation_axis_offset_and_jitter_shift_the_projections():
     # mean shift = the axis offset; spread = the jitter (16 draws of σ 0.7 px: sample std within ~0.35-1.1)
     assert moved.mean() == pytest.approx(2.5, abs=3 * 0.7 / 4)
     assert 0.3 < moved.std() < 1.2
+
+
+@pytest.mark.parametrize("mean_counts", [3.0, 200.0, 999.0, 1000.0, 5e4])
+def test_photon_counts_have_poisson_mean_and_variance(mean_counts):
+    from twin.instrument import NORMAL_APPROXIMATION_MIN_COUNTS, photon_counts
+
+    n = 400_000
+    raw = photon_counts(np.full(n, mean_counts), np.random.default_rng(0))
+    assert raw.dtype == np.float32 and raw.shape == (n,)
+    counts = raw.astype(np.float64)
+    # sampling errors of the mean and the variance: sqrt(λ/n) and about λ sqrt(2/n)
+    assert counts.mean() == pytest.approx(mean_counts, abs=5 * math.sqrt(mean_counts / n))
+    assert counts.var() == pytest.approx(mean_counts, rel=5 * math.sqrt(2 / n) + 1 / mean_counts)
+    if mean_counts < NORMAL_APPROXIMATION_MIN_COUNTS:  # drawn exactly: whole counts, Poisson's skewness 1/sqrt(λ)
+        assert np.all(counts == np.round(counts))
+        skew = np.mean((counts - counts.mean()) ** 3) / counts.std() ** 3
+        assert skew == pytest.approx(1 / math.sqrt(mean_counts), abs=0.02)
+
+
+def test_photon_counts_draw_dim_and_bright_pixels_of_one_frame_by_their_own_law():
+    from twin.instrument import photon_counts
+
+    expected = np.where(np.arange(200_000) % 2 == 0, 4.0, 3.0e4)
+    counts = photon_counts(expected, np.random.default_rng(1))
+    dim, bright = counts[::2], counts[1::2]
+    assert np.all(dim == np.round(dim)) and dim.mean() == pytest.approx(4.0, abs=0.03)
+    assert bright.mean() == pytest.approx(3.0e4, abs=3) and bright.var() == pytest.approx(3.0e4, rel=0.03)
+    assert np.all(photon_counts(np.array([-2.0, 0.0]), np.random.default_rng(2)) == 0)
+
+
+def test_one_spectrum_serves_every_distance_of_a_grid():
+    wave = np.exp(-1j * np.random.default_rng(0).random((24, 40))).astype(np.complex64)
+    near, far = (FresnelPropagator((24, 40), pixel_size_m=1e-7, wavelength_m=4.2e-11, distance_m=d) for d in (0.005, 0.008))
+    spectrum = near.spectrum(wave)
+    kept = spectrum.copy()
+    np.testing.assert_array_equal(far.from_spectrum(spectrum), far(wave))
+    np.testing.assert_array_equal(spectrum, kept)  # left as it is for the next distance
+    other = FresnelPropagator((20, 40), pixel_size_m=1e-7, wavelength_m=4.2e-11, distance_m=0.005)
+    with pytest.raises(ValueError, match="spectrum"):
+        other.from_spectrum(spectrum)

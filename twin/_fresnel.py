@@ -99,16 +99,26 @@ class FresnelPropagator:
 
         complex64 input is propagated in single precision (complex64 out), anything else in double.
         """
+        return self.from_spectrum(self.spectrum(wave, workers=workers), workers=workers)
+
+    def spectrum(self, wave: np.ndarray, *, workers: int = 1) -> np.ndarray:
+        """The padded wave's 2D Fourier transform: the same for every distance of one grid, so a
+        multi-distance scan transforms each exit wave once (:meth:`from_spectrum` per distance)."""
         wave = np.asarray(wave)
         if wave.shape[-2:] != self.shape:
             raise ValueError(f"wave: expected trailing shape {self.shape}, got {wave.shape}")
-        widths = self._pad_widths()
         # Edge padding: the wave continues as it is at the border (flat beam around the sample).
-        padded = np.pad(wave, [(0, 0)] * (wave.ndim - 2) + widths, mode="edge")
-        spectrum = scipy.fft.fft2(padded, workers=workers)
-        spectrum *= self._kernel64 if spectrum.dtype == np.complex64 else self.kernel
-        out = scipy.fft.ifft2(spectrum, workers=workers, overwrite_x=True)
-        (t, _), (l, _) = widths
+        padded = np.pad(wave, [(0, 0)] * (wave.ndim - 2) + self._pad_widths(), mode="edge")
+        return scipy.fft.fft2(padded, workers=workers)
+
+    def from_spectrum(self, spectrum: np.ndarray, *, workers: int = 1) -> np.ndarray:
+        """The wave at this propagator's distance from :meth:`spectrum` (of a propagator with the same
+        padded shape), cropped to ``shape``; ``spectrum`` is left as it is."""
+        if spectrum.shape[-2:] != self.padded_shape:
+            raise ValueError(f"spectrum: expected trailing shape {self.padded_shape}, got {spectrum.shape}")
+        propagated = spectrum * (self._kernel64 if spectrum.dtype == np.complex64 else self.kernel)
+        out = scipy.fft.ifft2(propagated, workers=workers, overwrite_x=True)
+        (t, _), (l, _) = self._pad_widths()
         return out[..., t : t + self.shape[0], l : l + self.shape[1]]
 
 
