@@ -211,8 +211,8 @@ def test_three_class_baselines_on_core_shell_disks():
     for method in ("otsu", "random_forest"):
         seg = make_baseline(method, n_estimators=10, n_classes=3).fit(images, labels, rng)
         predicted = seg.segment(test_images)
-        for k in (1, 2):  # three grey levels 0.3 apart, noise 0.05
-            assert dice(predicted == k, test_labels == k) > 0.85, (method, k)
+        for k in (1, 2):  # three grey levels 0.3 apart, noise 0.05: measured 0.996-0.998 over seeds 5-8
+            assert dice(predicted == k, test_labels == k) > 0.98, (method, k)
     # a class the annotator never drew is never predicted; the others still are
     no_shell = np.where(labels == 2, 1, labels)
     forest = make_baseline("random_forest", n_estimators=5, n_classes=3).fit(images, no_shell, rng)

@@ -111,9 +111,9 @@ def test_three_class_stages_label_lithiated_si_and_score_it(tmp_path):
     scores = score_files(seg_dir / "labels.nc", inputs[("truth", "T3")] / "phantom.nc", scan="T3")
     for suffix in ("", "_otsu", "_random_forest"):
         assert {f"segmentation.{m}{suffix}.T3" for m in LITHIATION_METRICS} <= set(scores)
-    # three grey levels 0.3 apart under noise 0.05: the forest finds both Si classes
-    assert scores["segmentation.dice_lithiated_si_random_forest.T3"] > 0.8
-    assert scores["segmentation.dice_si_without_lithium_random_forest.T3"] > 0.8
+    # three grey levels 0.3 apart under noise 0.05: the forest finds both Si classes (measured 0.989-0.999, seeds 1-3)
+    assert scores["segmentation.dice_lithiated_si_random_forest.T3"] > 0.95
+    assert scores["segmentation.dice_si_without_lithium_random_forest.T3"] > 0.95
     # the oracle writes the true three-class labels, which score perfectly
     oracle = load_scenario("tiny", [*SMALL, "segmentation.n_classes=3", "oracle.true_labels=true"])
     oracle_dir = tmp_path / "oracle"

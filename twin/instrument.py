@@ -113,10 +113,10 @@ def photon_counts(expected: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     lam = np.maximum(np.asarray(expected, dtype=np.float32), 0.0)
     bright = lam >= NORMAL_APPROXIMATION_MIN_COUNTS
     if bright.all():
-        return (lam + np.sqrt(lam) * rng.standard_normal(lam.shape, dtype=np.float32)).astype(np.float32)
-    counts = rng.poisson(lam).astype(np.float32)
-    if bright.any():
-        counts[bright] = lam[bright] + np.sqrt(lam[bright]) * rng.standard_normal(int(bright.sum()), dtype=np.float32)
+        return lam + np.sqrt(lam) * rng.standard_normal(lam.shape, dtype=np.float32)
+    counts = np.empty(lam.shape, np.float32)
+    counts[~bright] = rng.poisson(lam[~bright])  # each pixel drawn once, by its own law
+    counts[bright] = lam[bright] + np.sqrt(lam[bright]) * rng.standard_normal(int(bright.sum()), dtype=np.float32)
     return counts
 
 

@@ -74,12 +74,12 @@ def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
 def lithiation_scores(labels: np.ndarray, phase: np.ndarray) -> dict[str, float]:
     """Per-class Dice of a three-class label volume and the error of its lithiated share of the Si volume."""
     from phantoms.phases import Phase, si_mask
-    from pipeline.segmentation import LABEL_LITHIATED_SI, LABEL_SI
+    from pipeline.segmentation import LABEL_LITHIATED_SI, LABEL_SI, si_from_labels
 
     labels, phase = np.asarray(labels), np.asarray(phase)
     true_lithiated = phase == Phase.SI_LITHIATED
     true_si = si_mask(phase)
-    predicted_si = np.count_nonzero(np.isin(labels, (LABEL_SI, LABEL_LITHIATED_SI)))
+    predicted_si = np.count_nonzero(si_from_labels(labels))
     share = np.count_nonzero(labels == LABEL_LITHIATED_SI) / predicted_si if predicted_si else float("nan")
     true_share = np.count_nonzero(true_lithiated) / np.count_nonzero(true_si) if true_si.any() else float("nan")
     return {
