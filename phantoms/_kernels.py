@@ -1,16 +1,31 @@
-"""Compiled sum of the deformation's local kernels (numba, already required by spam).
+"""Compiled evaluation of the deformation (numba, already required by spam).
 
-The same equations as :meth:`phantoms.deformation.Deformation._kernels` (the
-NumPy reference, tested equal to this to 1e-12), evaluated point by point with a
-uniform-cell hash of the kernel centres: no (n, 3, 3) temporaries per kernel, so
-memory stays at the outputs and time at ~the number of (point, kernel) pairs
-that are in reach.
+The same equations as :class:`phantoms.deformation.Deformation` (its NumPy
+methods are the reference, tested equal to these), evaluated point by point:
+
+* :func:`sum_kernels`: Σ u_k and Σ ∇u_k of the local kernels, found through a
+  uniform-cell hash of the kernel centres, so time goes with the (point, kernel)
+  pairs in reach and memory stays at the outputs;
+* :func:`displacement_slab`: u = φ(X) − X on grid voxels with det F, fused (no
+  (n, 3, 3) temporaries);
+* :func:`inverse_slab`: φ⁻¹ on grid voxels, H and A inverted in closed form / by
+  1-D Newton and L by Newton iterations per point;
+* :func:`sample_nearest`, :func:`sample_linear`: ``map_coordinates`` of order 0
+  and 1 with ``mode="nearest"``.
+
+Grid kernels run rows of a slab in parallel (``prange``; numba's OpenMP/TBB
+layers are thread-safe).
+
+``kern`` below is the tuple (n_swell, centres, 1 / radii, amps, vectors, supports,
+transition, origin, h, dims, starts, order) that :meth:`Deformation._compiled`
+builds; ``outer`` is (rigid_below_z, rigid_ramp_vox, λ nodes, w nodes, F_h or
+F_h⁻¹, volume centre).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 def build_hash(centres: np.ndarray, supports: np.ndarray):
@@ -32,7 +47,7 @@ def build_hash(centres: np.ndarray, supports: np.ndarray):
     return origin.astype(np.float64), h, dims, starts, owners[order]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def _smooth(s):
     if s <= 0.0:
         return 0.0, 0.0
@@ -41,53 +56,265 @@ def _smooth(s):
     return s * s * s * (10.0 - 15.0 * s + 6.0 * s * s), 30.0 * s * s * (1.0 - s) * (1.0 - s)
 
 
-@njit(cache=True)
-def sum_kernels(P, n_swell, centres, radii, amps, vectors, supports, transition, origin, h, dims, starts, order,
-                gradient):
-    """Σ u_k (n, 3) and Σ ∇u_k (n, 3, 3) at points P (n, 3); kernels < n_swell swell, the rest are bumps."""
+@njit(cache=True, error_model="numpy", inline="always")
+def _kernel_sum(p0, p1, p2, kern, gradient):
+    """Σ u_k and (if ``gradient``) Σ ∇u_k at (p0, p1, p2): the tuple (u0, u1, u2, F00, F01, …, F22).
+
+    Scalars rather than small arrays: numba keeps them in registers (~1.5× faster).
+    """
+    n_swell, centres, inv_radii, amps, vectors, supports, transition, origin, h, dims, starts, order = kern
+    u0 = u1 = u2 = 0.0
+    F00 = F01 = F02 = F10 = F11 = F12 = F20 = F21 = F22 = 0.0
+    cz = int(np.floor((p0 - origin[0]) / h))
+    cy = int(np.floor((p1 - origin[1]) / h))
+    cx = int(np.floor((p2 - origin[2]) / h))
+    if cz < 0 or cz >= dims[0] or cy < 0 or cy >= dims[1] or cx < 0 or cx >= dims[2]:
+        return u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22
+    cell = (cz * dims[1] + cy) * dims[2] + cx
+    for q in range(starts[cell], starts[cell + 1]):
+        k = order[q]
+        y0, y1, y2 = p0 - centres[k, 0], p1 - centres[k, 1], p2 - centres[k, 2]
+        r2 = y0 * y0 + y1 * y1 + y2 * y2
+        if r2 >= supports[k] * supports[k]:
+            continue
+        r = np.sqrt(r2)
+        iR = inv_radii[k]
+        if k < n_swell:
+            S, dS = _smooth((r * iR - 1.0) / transition)
+            a = amps[k]
+            aG = a * (1.0 - S)
+            u0 += aG * y0
+            u1 += aG * y1
+            u2 += aG * y2
+            if gradient:
+                c = -a * dS * iR / transition / r if r > 0 else 0.0
+                F00 += c * y0 * y0 + aG
+                F01 += c * y0 * y1
+                F02 += c * y0 * y2
+                F10 += c * y1 * y0
+                F11 += c * y1 * y1 + aG
+                F12 += c * y1 * y2
+                F20 += c * y2 * y0
+                F21 += c * y2 * y1
+                F22 += c * y2 * y2 + aG
+        else:
+            S, dS = _smooth(r * iR)
+            B = 1.0 - S
+            v0, v1, v2 = vectors[k, 0], vectors[k, 1], vectors[k, 2]
+            u0 += B * v0
+            u1 += B * v1
+            u2 += B * v2
+            if gradient:
+                c = -dS * iR / r if r > 0 else 0.0
+                F00 += v0 * c * y0
+                F01 += v0 * c * y1
+                F02 += v0 * c * y2
+                F10 += v1 * c * y0
+                F11 += v1 * c * y1
+                F12 += v1 * c * y2
+                F20 += v2 * c * y0
+                F21 += v2 * c * y1
+                F22 += v2 * c * y2
+    return u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def sum_kernels(P, kern, gradient):
+    """Σ u_k (n, 3) and Σ ∇u_k (n, 3, 3) at points P (n, 3)."""
     n = P.shape[0]
     u = np.zeros((n, 3))
     F = np.zeros((n, 3, 3)) if gradient else np.zeros((1, 3, 3))
-    y = np.empty(3)
-    for p in range(n):
-        cell = 0
-        for d in range(3):
-            c = int(np.floor((P[p, d] - origin[d]) / h))
-            if c < 0 or c >= dims[d]:
-                cell = -1
-                break
-            cell = cell * dims[d] + c
-        if cell < 0:
-            continue
-        for q in range(starts[cell], starts[cell + 1]):
-            k = order[q]
-            for d in range(3):
-                y[d] = P[p, d] - centres[k, d]
-            r2 = y[0] * y[0] + y[1] * y[1] + y[2] * y[2]
-            if r2 >= supports[k] * supports[k]:
-                continue
-            r = np.sqrt(r2)
-            R = radii[k]
-            if k < n_swell:
-                S, dS = _smooth((r / R - 1.0) / transition)
-                G = 1.0 - S
-                a = amps[k]
-                for i in range(3):
-                    u[p, i] += a * G * y[i]
-                if gradient:
-                    coef = -dS / (transition * R) / r if r > 0 else 0.0
-                    for i in range(3):
-                        for j in range(3):
-                            F[p, i, j] += a * coef * y[i] * y[j]
-                        F[p, i, i] += a * G
-            else:
-                S, dS = _smooth(r / R)
-                B = 1.0 - S
-                for i in range(3):
-                    u[p, i] += B * vectors[k, i]
-                if gradient:
-                    coef = -dS / R / r if r > 0 else 0.0
-                    for i in range(3):
-                        for j in range(3):
-                            F[p, i, j] += vectors[k, i] * coef * y[j]
+    for p in prange(n):
+        t = _kernel_sum(P[p, 0], P[p, 1], P[p, 2], kern, gradient)
+        u[p, 0], u[p, 1], u[p, 2] = t[0], t[1], t[2]
+        if gradient:
+            F[p, 0, 0], F[p, 0, 1], F[p, 0, 2] = t[3], t[4], t[5]
+            F[p, 1, 0], F[p, 1, 1], F[p, 1, 2] = t[6], t[7], t[8]
+            F[p, 2, 0], F[p, 2, 1], F[p, 2, 2] = t[9], t[10], t[11]
     return u, F
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _local(p0, p1, p2, kern, rigid_z, ramp, gradient):
+    """u_L = m Σu_k, ∇u_L = m Σ∇u_k + Σu_k ⊗ m′ e_z with the Cu mask m(z) (see Deformation._local); same tuple."""
+    u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22 = _kernel_sum(p0, p1, p2, kern, gradient)
+    m, dm = _smooth((p0 - rigid_z) / ramp)
+    dm /= ramp
+    return (m * u0, m * u1, m * u2, m * F00 + u0 * dm, m * F01, m * F02, m * F10 + u1 * dm, m * F11, m * F12,
+            m * F20 + u2 * dm, m * F21, m * F22)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lam_w(z, lam, w_nodes):
+    """λ(z) (piecewise linear, constant beyond the nodes) and w(z) = ∫₀^z (λ − 1) (see Deformation._w)."""
+    n = lam.size
+    zc = min(max(z, 0.0), n - 1.0)
+    if n > 1:
+        k = min(int(np.floor(zc)), n - 2)
+        s = zc - k
+        slope = lam[k + 1] - lam[k]
+        w = w_nodes[k] + (lam[k] - 1.0) * s + 0.5 * slope * s * s
+        lz = lam[k] + slope * s
+    else:
+        w = 0.0
+        lz = lam[0]
+    return lz, w + (lam[0] - 1.0) * min(z, 0.0) + (lam[n - 1] - 1.0) * max(z - (n - 1.0), 0.0)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _det3(F00, F01, F02, F10, F11, F12, F20, F21, F22):
+    return F00 * (F11 * F22 - F12 * F21) - F01 * (F10 * F22 - F12 * F20) + F02 * (F10 * F21 - F11 * F20)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def displacement_slab(z0, out, kern, outer, check):
+    """u = φ(X) − X (voxels) at grid voxels X of layers z0 … into out (3, nzs, ny, nx) float32.
+
+    Returns (min det F, flat index into the slab where it occurs); +inf when not ``check``.
+    With ``check``, rows still to do are skipped once a fold is found (the caller refuses the field).
+    """
+    rigid_z, ramp, lam, w_nodes, Fh, centre = outer
+    det_h = _det3(Fh[0, 0], Fh[0, 1], Fh[0, 2], Fh[1, 0], Fh[1, 1], Fh[1, 2], Fh[2, 0], Fh[2, 1], Fh[2, 2])
+    _, nzs, ny, nx = out.shape
+    row_min = np.full(nzs * ny, np.inf)
+    row_at = np.zeros(nzs * ny, np.int64)
+    folded = np.zeros(1, np.bool_)
+    for row in prange(nzs * ny):
+        if folded[0]:
+            continue
+        iz, iy = row // ny, row % ny
+        for ix in range(nx):
+            p0, p1, p2 = float(z0 + iz), float(iy), float(ix)
+            u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22 = _local(p0, p1, p2, kern, rigid_z, ramp, check)
+            lz, w = _lam_w(p0 + u0, lam, w_nodes)
+            Z0, Z1, Z2 = p0 + u0 + w - centre[0], p1 + u1 - centre[1], p2 + u2 - centre[2]
+            out[0, iz, iy, ix] = centre[0] + Fh[0, 0] * Z0 + Fh[0, 1] * Z1 + Fh[0, 2] * Z2 - p0
+            out[1, iz, iy, ix] = centre[1] + Fh[1, 0] * Z0 + Fh[1, 1] * Z1 + Fh[1, 2] * Z2 - p1
+            out[2, iz, iy, ix] = centre[2] + Fh[2, 0] * Z0 + Fh[2, 1] * Z1 + Fh[2, 2] * Z2 - p2
+            if check:
+                d = det_h * lz * _det3(1.0 + F00, F01, F02, F10, 1.0 + F11, F12, F20, F21, 1.0 + F22)
+                if d < row_min[row]:
+                    row_min[row] = d
+                    row_at[row] = (iz * ny + iy) * nx + ix
+        if row_min[row] <= 0:
+            folded[0] = True
+    k = np.argmin(row_min)
+    return row_min[k], row_at[k]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _trilinear(v, z, y, x, fz, fy, fx):
+    """v at (z + fz, y + fy, x + fx) by trilinear interpolation (0 ≤ f < 1, neighbours z + 1, … inside v)."""
+    a = (v[z, y, x] * (1 - fx) + v[z, y, x + 1] * fx) * (1 - fy) + (v[z, y + 1, x] * (1 - fx) + v[z, y + 1, x + 1] * fx) * fy
+    b = (v[z + 1, y, x] * (1 - fx) + v[z + 1, y, x + 1] * fx) * (1 - fy) \
+        + (v[z + 1, y + 1, x] * (1 - fx) + v[z + 1, y + 1, x + 1] * fx) * fy
+    return a * (1 - fz) + b * fz
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def inverse_slab(z0, stride, X, guess, kern, outer, tol):
+    """φ⁻¹(x) (voxels) at the grid points x = (z0 + i, j, k)·stride into X (3, nzs, ny, nx) float64.
+
+    ``guess``: φ⁻¹ on the grid of every 2nd voxel (from a ``stride=2`` call), interpolated
+    trilinearly as the starting point; empty (shape (3, 0, 0, 0)): start from Y − u_L(Y).
+    Newton steps on L are clipped to one voxel (the kernels are strongly nonlinear
+    where they compress). Returns the largest final residual |φ(X) − x|∞ (voxels)
+    and the total number of Newton iterations.
+    """
+    rigid_z, ramp, lam, w_nodes, Fh_inv, centre = outer
+    _, nzs, ny, nx = X.shape
+    worst = np.zeros(nzs * ny)
+    iterations = np.zeros(nzs * ny, np.int64)
+    for row in prange(nzs * ny):
+        iz, iy = row // ny, row % ny
+        gz, gy = z0 + iz * stride, iy * stride
+        for ix in range(nx):
+            gx = ix * stride
+            x0, x1, x2 = gz - centre[0], gy - centre[1], gx - centre[2]
+            Y0 = centre[0] + Fh_inv[0, 0] * x0 + Fh_inv[0, 1] * x1 + Fh_inv[0, 2] * x2  # H⁻¹
+            Y1 = centre[1] + Fh_inv[1, 0] * x0 + Fh_inv[1, 1] * x1 + Fh_inv[1, 2] * x2
+            Y2 = centre[2] + Fh_inv[2, 0] * x0 + Fh_inv[2, 1] * x1 + Fh_inv[2, 2] * x2
+            target = Y0  # A⁻¹: z + w(z) = target, z ↦ z + w(z) increasing (λ > 0)
+            z = target
+            for _ in range(100):
+                lz, w = _lam_w(z, lam, w_nodes)
+                step = (z + w - target) / lz
+                z -= step
+                if abs(step) < 1e-10:
+                    break
+            Y0 = z
+            if guess.shape[1] > 0:
+                cz, cy, cx = gz // 2, gy // 2, gx // 2
+                fz, fy, fx = 0.5 * (gz % 2), 0.5 * (gy % 2), 0.5 * (gx % 2)
+                P0 = _trilinear(guess[0], cz, cy, cx, fz, fy, fx)
+                P1 = _trilinear(guess[1], cz, cy, cx, fz, fy, fx)
+                P2 = _trilinear(guess[2], cz, cy, cx, fz, fy, fx)
+            else:  # L⁻¹ by Newton from X = Y − u_L(Y)
+                t = _local(Y0, Y1, Y2, kern, rigid_z, ramp, False)
+                P0, P1, P2 = Y0 - t[0], Y1 - t[1], Y2 - t[2]
+            res = np.inf
+            for _ in range(100):
+                iterations[row] += 1
+                u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22 = _local(P0, P1, P2, kern, rigid_z, ramp, True)
+                r0, r1, r2 = P0 + u0 - Y0, P1 + u1 - Y1, P2 + u2 - Y2
+                res = max(abs(r0), abs(r1), abs(r2))
+                if res < tol:
+                    break
+                F00 += 1.0
+                F11 += 1.0
+                F22 += 1.0
+                c00 = F11 * F22 - F12 * F21
+                c01 = F02 * F21 - F01 * F22
+                c02 = F01 * F12 - F02 * F11
+                c10 = F12 * F20 - F10 * F22
+                c11 = F00 * F22 - F02 * F20
+                c12 = F02 * F10 - F00 * F12
+                c20 = F10 * F21 - F11 * F20
+                c21 = F01 * F20 - F00 * F21
+                c22 = F00 * F11 - F01 * F10
+                det = F00 * c00 + F01 * c10 + F02 * c20
+                s0 = (c00 * r0 + c01 * r1 + c02 * r2) / det
+                s1 = (c10 * r0 + c11 * r1 + c12 * r2) / det
+                s2 = (c20 * r0 + c21 * r1 + c22 * r2) / det
+                norm = np.sqrt(s0 * s0 + s1 * s1 + s2 * s2)
+                shrink = 1.0 / norm if norm > 1.0 else 1.0
+                P0 -= shrink * s0
+                P1 -= shrink * s1
+                P2 -= shrink * s2
+            X[0, iz, iy, ix], X[1, iz, iy, ix], X[2, iz, iy, ix] = P0, P1, P2
+            if res > worst[row]:
+                worst[row] = res
+    return worst.max(), iterations.sum()
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def sample_nearest(volume, coords, out):
+    """out[i] = volume at the voxel nearest coords[:, i] (clamped to the volume: mode "nearest")."""
+    nz, ny, nx = volume.shape
+    for i in prange(coords.shape[1]):
+        z = min(max(int(np.floor(coords[0, i] + 0.5)), 0), nz - 1)
+        y = min(max(int(np.floor(coords[1, i] + 0.5)), 0), ny - 1)
+        x = min(max(int(np.floor(coords[2, i] + 0.5)), 0), nx - 1)
+        out[i] = volume[z, y, x]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _cell(c, n):
+    c = min(max(c, 0.0), n - 1.0)
+    i = min(int(np.floor(c)), max(n - 2, 0))
+    return i, min(i + 1, n - 1), c - i
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def sample_linear(volume, coords, out):
+    """out[i] = trilinear interpolation of volume at coords[:, i], coordinates clamped (mode "nearest")."""
+    nz, ny, nx = volume.shape
+    for i in prange(coords.shape[1]):
+        z0, z1, fz = _cell(coords[0, i], nz)
+        y0, y1, fy = _cell(coords[1, i], ny)
+        x0, x1, fx = _cell(coords[2, i], nx)
+        a = (volume[z0, y0, x0] * (1 - fx) + volume[z0, y0, x1] * fx) * (1 - fy) \
+            + (volume[z0, y1, x0] * (1 - fx) + volume[z0, y1, x1] * fx) * fy
+        b = (volume[z1, y0, x0] * (1 - fx) + volume[z1, y0, x1] * fx) * (1 - fy) \
+            + (volume[z1, y1, x0] * (1 - fx) + volume[z1, y1, x1] * fx) * fy
+        out[i] = a * (1 - fz) + b * fz

@@ -52,9 +52,8 @@ from twin.errors import ScenarioError, StageError
 log = logging.getLogger("phantoms.deformation")
 
 SUPPORT = 2.5  # swelling kernels reach SUPPORT × R: wide enough to fold nowhere for (1 + a)³ up to ~4
-COARSE_STRIDE = 2  # the inverse map is first solved on every 2nd voxel, then interpolated and polished
 NEWTON_TOL_VOX = 1e-6
-SLAB_VOXELS = 1 << 18  # points per slab in grid passes (bounds memory: Newton holds ~700 bytes per point)
+SLAB_VOXELS = 1 << 20  # voxels per slab of the warp (its inverse coordinates: 24 bytes per voxel)
 
 
 def _smoothstep(s):
@@ -183,10 +182,10 @@ class Deformation:
     def _kernel_centres(self):
         return np.concatenate([self.swell_centre, self.bump_centre])
 
-    def _local(self, P: np.ndarray, gradient: bool, z0: int | None = None):
+    def _local(self, P: np.ndarray, gradient: bool):
         """u_L and ∇u_L at points P: the kernels' sum, times a smooth mask m(z) that keeps the Cu foil rigid
         (m = 0 below ``rigid_below_z``, rising to 1 over ``rigid_ramp_vox``): u = m Σu_k, ∇u = m Σ∇u_k + Σu_k ⊗ m′ e_z."""
-        u, F = self._local_sum(P, gradient, z0)
+        u, F = self._local_sum(P, gradient)
         if self.rigid_below_z is None:
             return u, F
         s = (P[..., 0] - self.rigid_below_z) / self.rigid_ramp_vox
@@ -197,58 +196,48 @@ class Deformation:
         u *= m[..., None]
         return u, F
 
-    def _local_sum(self, P: np.ndarray, gradient: bool, z0: int | None = None):
-        """Σ u_k and Σ ∇u_k at points P.
-
-        With ``z0`` given, P (nzs, ny, nx, 3) is a grid slab (from layer z0) moved by a smooth map, and each
-        kernel is evaluated on an index box of it; otherwise P is (n, 3) and a KD-tree finds the points.
-        """
+    def _local_sum(self, P: np.ndarray, gradient: bool):
+        """Σ u_k (n, 3) and Σ ∇u_k (n, 3, 3) at points P (n, 3); the NumPy backend finds points with a KD-tree."""
         u = np.zeros(P.shape)
         F = np.zeros(P.shape[:-1] + (3, 3)) if gradient else None
         centres = self._kernel_centres
         if len(centres) == 0:
             return u, F
         if self.backend == "numba":
-            if self._hash is None:
-                self._hash = compiled.build_hash(centres, self._support)
-            vectors = np.concatenate([np.zeros((len(self.swell_radius), 3)), self.bump_vector])
-            radii = np.concatenate([self.swell_radius, self.bump_radius])
-            amps = np.concatenate([self.swell_amplitude, np.zeros(len(self.bump_radius))])
-            uf, Ff = compiled.sum_kernels(np.ascontiguousarray(P.reshape(-1, 3), dtype=np.float64), len(self.swell_radius),
-                                          centres, radii, amps, vectors, self._support, SUPPORT - 1.0, *self._hash, gradient)
+            uf, Ff = compiled.sum_kernels(np.ascontiguousarray(P.reshape(-1, 3), dtype=np.float64), self._kern(), gradient)
             return uf.reshape(P.shape), (Ff.reshape(P.shape[:-1] + (3, 3)) if gradient else None)
-        if z0 is None:
-            flat = P.reshape(-1, 3)
-            tree = cKDTree(flat)
-            for k, (c, sup) in enumerate(zip(centres, self._support)):
-                idx = np.asarray(tree.query_ball_point(c, sup), dtype=int)
-                if idx.size == 0:
-                    continue
-                du, dF = self._kernels(flat[idx] - c, k, gradient)
-                u.reshape(-1, 3)[idx] += du
-                if gradient:
-                    F.reshape(-1, 3, 3)[idx] += dF
-            return u, F
-        # P is a slab of a regular grid moved by a smooth map: bound each index plane's coordinate range,
-        # and evaluate each kernel on the index box whose planes can reach its support (a superset: exact).
-        lo_b = [P[..., k].min(axis=tuple(i for i in range(3) if i != k)) for k in range(3)]
-        hi_b = [P[..., k].max(axis=tuple(i for i in range(3) if i != k)) for k in range(3)]
+        flat = P.reshape(-1, 3)
+        tree = cKDTree(flat)
         for k, (c, sup) in enumerate(zip(centres, self._support)):
-            sl = []
-            for ax in range(3):
-                hit = np.flatnonzero((hi_b[ax] >= c[ax] - sup) & (lo_b[ax] <= c[ax] + sup))
-                if hit.size == 0:
-                    break
-                sl.append(slice(hit[0], hit[-1] + 1))
-            else:
-                sl = tuple(sl)
-                y = P[sl] - c
-                inside = np.einsum("...i,...i->...", y, y) < sup * sup  # only the support's points (~half the box)
-                du, dF = self._kernels(y[inside], k, gradient)
-                u[sl][inside] += du
-                if gradient:
-                    F[sl][inside] += dF
+            idx = np.asarray(tree.query_ball_point(c, sup), dtype=int)
+            if idx.size == 0:
+                continue
+            du, dF = self._kernels(flat[idx] - c, k, gradient)
+            u.reshape(-1, 3)[idx] += du
+            if gradient:
+                F.reshape(-1, 3, 3)[idx] += dF
         return u, F
+
+    def _kern(self):
+        """The kernels as :mod:`phantoms._kernels` takes them (built once: the cell hash costs a few ms)."""
+        if self._hash is None:
+            centres = self._kernel_centres
+            if len(centres) == 0:  # an empty hash: one cell, no kernel
+                hashed = (np.zeros(3), 1.0, np.ones(3, np.int64), np.zeros(2, np.int64), np.zeros(0, np.int64))
+            else:
+                hashed = compiled.build_hash(centres, self._support)
+            self._hash = (len(self.swell_radius), np.ascontiguousarray(centres, dtype=np.float64),
+                          1.0 / np.concatenate([self.swell_radius, self.bump_radius]),
+                          np.concatenate([self.swell_amplitude, np.zeros(len(self.bump_radius))]),
+                          np.concatenate([np.zeros((len(self.swell_radius), 3)), self.bump_vector]),
+                          self._support, SUPPORT - 1.0, *hashed)
+        return self._hash
+
+    def _outer_params(self, inverse: bool):
+        rigid = -np.inf if self.rigid_below_z is None else float(self.rigid_below_z)
+        Fh = np.linalg.inv(self.homogeneous_F) if inverse else self.homogeneous_F
+        return (rigid, float(self.rigid_ramp_vox), self.axial_stretch, self._w_nodes, np.ascontiguousarray(Fh),
+                self._centre)
 
     def _outer(self, Y: np.ndarray, gradient: bool):
         """H ∘ A at points Y and its gradient (…, 3, 3)."""
@@ -296,7 +285,7 @@ class Deformation:
     def inverse(self, points) -> np.ndarray:
         """φ⁻¹(x): reference positions of the material now at x (n, 3), voxels."""
         x = np.asarray(points, float).reshape(-1, 3)
-        return self._invert_local(self._invert_outer(x), None)
+        return self._invert_local(self._invert_outer(x))
 
     # --- inversion -------------------------------------------------------------------
     def _invert_outer(self, x: np.ndarray) -> np.ndarray:
@@ -316,54 +305,27 @@ class Deformation:
         Y[..., 0] = z
         return Y
 
-    def _invert_local(self, Y: np.ndarray, z0: int | None, X0: np.ndarray | None = None) -> np.ndarray:
-        """Solve X + u_L(X) = Y by Newton iterations, steps clipped to 1 voxel (the kernels are strongly
-        nonlinear where they compress; unclipped steps overshoot). The Jacobian is re-evaluated every
-        4th iteration only (chord method: the costly part of a kernel evaluation is its gradient). On a grid
-        slab, once fewer than 5 % of the points are left they are finished as scattered points."""
-        if X0 is None:
-            uL, _ = self._local(Y, False, z0)
-            X = Y - uL
-        else:
-            X = X0.copy()
-        flat_X, flat_Y = X.reshape(-1, 3), Y.reshape(-1, 3)
-        todo = np.arange(len(flat_X))
-        J = None
+    def _invert_local(self, Y: np.ndarray) -> np.ndarray:
+        """Solve X + u_L(X) = Y (points (n, 3)) by Newton iterations, steps clipped to 1 voxel (the kernels are
+        strongly nonlinear where they compress; unclipped steps overshoot)."""
+        uL, _ = self._local(Y, False)
+        X = Y - uL
+        todo = np.arange(len(X))
         err = np.inf
-        for it in range(80):
-            grid_mode = z0 is not None and todo.size > 0.05 * len(flat_X)
-            fresh = J is None or it % 4 == 0 or it >= 8  # full Newton if the chord iterations are slow
-            if grid_mode:
-                uL, FL = self._local(X, fresh, z0)
-                r = (X + uL - Y).reshape(-1, 3)[todo]
-                if fresh:
-                    J = np.eye(3) + FL.reshape(-1, 3, 3)[todo]
-            else:
-                uL, FL = self._local(flat_X[todo], fresh)
-                r = flat_X[todo] + uL - flat_Y[todo]
-                if fresh:
-                    J = np.eye(3) + FL
+        for _ in range(100):
+            uL, FL = self._local(X[todo], True)
+            r = X[todo] + uL - Y[todo]
             bad = np.abs(r).max(axis=1) >= NEWTON_TOL_VOX
             err = float(np.abs(r).max(initial=0.0))
-            log.debug("inverse it %d: %d points left, max residual %.2e voxel, %s", it, todo.size, err,
-                      "grid" if grid_mode else "points")
             if not bad.any():
                 return X
-            todo, r, J = todo[bad], r[bad], J[bad]
+            todo, r, J = todo[bad], r[bad], np.eye(3) + FL[bad]
             step = _solve3(J, r)
             step *= np.minimum(1.0, 1.0 / np.maximum(np.linalg.norm(step, axis=1), 1e-300))[:, None]
-            flat_X[todo] -= step
+            X[todo] -= step
         raise StageError(f"deformation: inverse map did not converge (residual {err:.2e} voxel); the field folds")
 
-    # --- grid passes -------------------------------------------------------------------
-    def _slabs(self):
-        nz, ny, nx = self.shape
-        step = max(1, SLAB_VOXELS // (ny * nx))
-        for z0 in range(0, nz, step):
-            z1 = min(nz, z0 + step)
-            g = np.stack(np.meshgrid(np.arange(z0, z1), np.arange(ny), np.arange(nx), indexing="ij"), -1).astype(float)
-            yield z0, z1, g
-
+    # --- grid passes (compiled) -----------------------------------------------------------
     def displacement_field(self, *, check: bool = True) -> np.ndarray:
         """u on every voxel of the reference grid, float32 (3, z, y, x), voxels; checks det F > 0 on the way.
 
@@ -372,19 +334,13 @@ class Deformation:
         FoldingError
             When det F ≤ 0 at some voxel (with its position and value).
         """
-        out = np.zeros((3,) + self.shape, np.float32)
-        for z0, z1, g in self._slabs():
-            uL, FL = self._local(g, check, z0)
-            x, Fo = self._outer(g + uL, check)
-            out[:, z0:z1] = np.moveaxis(x - g, -1, 0)
-            if check:
-                det = np.linalg.det(Fo @ (np.eye(3) + FL))
-                if det.min() <= 0:
-                    at = np.unravel_index(np.argmin(det), det.shape)
-                    raise FoldingError(
-                        f"deformation folds: det F = {det.min():.3g} at voxel (z, y, x) = "
-                        f"{(int(at[0]) + z0, int(at[1]), int(at[2]))}; reduce sample.prescribed_bumps / "
-                        f"sample.prescribed_deformation_gradient / sample.lithiated_volume_expansion")
+        out = np.empty((3,) + self.shape, np.float32)
+        det, at = compiled.displacement_slab(0, out, self._kern(), self._outer_params(False), check)
+        if check and det <= 0:
+            z, y, x = np.unravel_index(at, self.shape)
+            raise FoldingError(
+                f"deformation folds: det F = {det:.3g} at voxel (z, y, x) = {(int(z), int(y), int(x))}; reduce "
+                f"sample.prescribed_bumps / sample.prescribed_deformation_gradient / sample.lithiated_volume_expansion")
         return out
 
     def warp(self, volumes: dict[str, tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
@@ -393,40 +349,42 @@ class Deformation:
         Parameters
         ----------
         volumes
-            name → (reference volume (z, y, x), interpolation order: 0 for labels, 1 for fields).
+            name → (reference volume (z, y, x), interpolation order: 0 for labels, 1 for fields; higher
+            orders go through ``scipy.ndimage.map_coordinates``).
 
         Notes
         -----
-        Slab by slab: φ⁻¹ of the slab's voxel centres (exact Newton, see
-        :meth:`inverse`), then ``scipy.ndimage.map_coordinates`` with
-        ``mode="nearest"`` (material from outside the field of view repeats the border).
+        Slab by slab: φ⁻¹ of the slab's voxel centres (Newton to 1e-6 voxel, see
+        :meth:`inverse`), then nearest or trilinear sampling with ``mode="nearest"``
+        (material from outside the field of view repeats the border).
         """
         out = {name: np.empty(self.shape, v.dtype) for name, (v, _) in volumes.items()}
-        guess = self._coarse_inverse()
-        for z0, z1, g in self._slabs():
-            Y = self._invert_outer(g)
-            X0 = None
-            if guess is not None:
-                c = np.moveaxis(g, -1, 0) / COARSE_STRIDE
-                X0 = g + np.stack([ndimage.map_coordinates(d, c, order=3, mode="nearest", prefilter=False)
-                                   for d in guess], -1)
-            X = self._invert_local(Y, z0, X0)
-            coords = np.moveaxis(X, -1, 0)
+        kern, outer = self._kern(), self._outer_params(True)
+        nz, ny, nx = self.shape
+        # φ⁻¹ on every 2nd voxel first: interpolated, it starts each voxel's Newton iterations ~1e-3 voxel away
+        coarse = np.empty((3, nz // 2 + 1, ny // 2 + 1, nx // 2 + 1))
+        self._check_inverse(compiled.inverse_slab(0, 2, coarse, np.empty((3, 0, 0, 0)), kern, outer, NEWTON_TOL_VOX))
+        step = max(1, SLAB_VOXELS // (ny * nx))
+        for z0 in range(0, nz, step):
+            X = np.empty((3, min(nz, z0 + step) - z0, ny, nx))
+            self._check_inverse(compiled.inverse_slab(z0, 1, X, coarse, kern, outer, NEWTON_TOL_VOX))
+            coords = X.reshape(3, -1)
             for name, (v, order) in volumes.items():
-                out[name][z0:z1] = ndimage.map_coordinates(v, coords, order=order, mode="nearest")
+                dest = out[name][z0:z0 + X.shape[1]]
+                if order == 0:
+                    compiled.sample_nearest(v, coords, dest.reshape(-1))
+                elif order == 1:
+                    compiled.sample_linear(v, coords, dest.reshape(-1))
+                else:
+                    dest[...] = ndimage.map_coordinates(v, X, order=order, mode="nearest")
         return out
 
-    def _coarse_inverse(self) -> list[np.ndarray] | None:
-        """φ⁻¹(x) − x on every COARSE_STRIDE-th voxel, as cubic B-spline coefficients (a first guess for Newton)."""
-        if len(self._kernel_centres) == 0:
-            return None
-        axes = [np.arange(0, n + COARSE_STRIDE - 1, COARSE_STRIDE, dtype=float) for n in self.shape]
-        g = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
-        X = np.empty_like(g)
-        step = max(1, SLAB_VOXELS // (g.shape[1] * g.shape[2]))
-        for k0 in range(0, g.shape[0], step):  # by slabs: Newton holds ~500 bytes per point
-            X[k0:k0 + step] = self._invert_local(self._invert_outer(g[k0:k0 + step]), 0)
-        return [ndimage.spline_filter(X[..., k] - g[..., k], order=3, mode="nearest") for k in range(3)]
+    @staticmethod
+    def _check_inverse(result):
+        residual, iterations = result
+        log.debug("inverse: %d Newton iterations, max residual %.2e voxel", iterations, residual)
+        if residual >= NEWTON_TOL_VOX:
+            raise StageError(f"deformation: inverse map did not converge (residual {residual:.2e} voxel); the field folds")
 
     # --- persistence --------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -11,9 +11,9 @@ keys first (seed Fig S14):
   so bands span the particle and widen with lithiation (Figs S15, S17).
 
 The front is a smoothed step of width w (``sample.front_width_um``):
-s(k) = ½ erfc((k − t)/w); its level t is found by bisection so that the mean
+s(k) = ½ erfc((k − t)/w); its level t is found by Newton iterations (inside a bisection bracket) so that the mean
 of s over the particle equals the history's maximum fraction f_max exactly (to
-1e-9); with w = 0 the n = round(f_max N) lowest keys are taken (exact to one
+1e-12); with w = 0 the n = round(f_max N) lowest keys are taken (exact to one
 voxel). Local Li content is x = 3.75 (f / f_max) s: on charge (f = f_max) the
 front region is Li15Si4; on delithiation the amorphous single-phase region
 loses Li uniformly, and at f = 0 it remains as delithiated a-Si (its own phase),
@@ -55,14 +55,25 @@ def front_level(key: np.ndarray, fraction: float, width: float) -> float:
         n = int(round(fraction * key.size))
         srt = np.sort(key)
         return -np.inf if n == 0 else float(srt[n - 1])
+    # Newton on the increasing, smooth m(t) = mean(s) − fraction, kept inside a bisection bracket
     lo, hi = float(key.min()) - 8 * width, float(key.max()) + 8 * width
-    for _ in range(60):  # bisection: the mean is continuous and increasing in t
-        mid = 0.5 * (lo + hi)
-        if 0.5 * erfc((key - mid) / width).mean() < fraction:
-            lo = mid
+    t = float(np.quantile(key, fraction))
+    for _ in range(100):
+        z = (key - t) / width
+        m = 0.5 * erfc(z).mean() - fraction
+        if abs(m) < 1e-12:
+            break
+        if m < 0:
+            lo = t
         else:
-            hi = mid
-    return 0.5 * (lo + hi)
+            hi = t
+        slope = np.exp(-z * z).mean() / (width * np.sqrt(np.pi))
+        t = t - m / slope if slope > 0 else np.nan
+        if not lo < t < hi:
+            t = 0.5 * (lo + hi)
+        if hi - lo < 1e-12:
+            break
+    return t
 
 
 def front_profile(key: np.ndarray, level: float, width: float) -> np.ndarray:

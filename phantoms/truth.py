@@ -166,8 +166,9 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     lith_ids = ids[max_fractions > 0]
     sei_partial = None
     if sample.sei_thickness_um > 0 and lith_ids.size:
-        grown = np.isin(ms.particle, lith_ids)
-        d = distance_to_background(~grown, dtype=np.float64)
+        lithiated = np.zeros(int(ms.particle.max()) + 1, bool)
+        lithiated[lith_ids] = True
+        d = distance_to_background(~lithiated[ms.particle])
         layers = sample.sei_thickness_um / a
         host = (phase == Phase.ELECTROLYTE) | (phase == Phase.CBD)
         if layers >= 0.5:
@@ -179,7 +180,7 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     if bubble:
         pores = np.zeros(ms.phase.shape, bool)
         pores[ms.z_cu:ms.z_top] = ~si[ms.z_cu:ms.z_top]
-        room = distance_to_background(pores, dtype=np.float64)
+        room = distance_to_background(pores)
         centre = np.array(np.unravel_index(np.argmax(room), room.shape), float)
         r0 = sample.gas_bubble_radius_um / a / BUBBLE_GROWTH
         grid = np.indices(phase.shape, sparse=True)

@@ -83,14 +83,69 @@ def test_texture_cbd_porosity_varies_inside_cbd(tiny):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), fill=st.floats(0.3, 0.995), chunk=st.integers(1, 400))
-def test_distance_to_background_by_slabs_equals_scipy_edt(seed, fill, chunk):
-    """Exact equality with the whole-volume EDT, whatever the slab size (1 plane to all), even for sparse background."""
+@given(seed=st.integers(0, 10_000), fill=st.floats(0.3, 0.995))
+def test_distance_to_background_equals_scipy_edt(seed, fill):
+    """The same distances as scipy's EDT (float32 precision), even for sparse background; labels: per-label EDT."""
     from phantoms.microstructure import distance_to_background
 
     rng = np.random.default_rng(seed)
     mask = ndimage.binary_opening(rng.random((23, 9, 11)) < fill) if fill < 0.9 else rng.random((23, 9, 11)) < fill
-    mask[rng.integers(0, 23)] = True  # a full plane: its distances reach across slabs
+    mask[rng.integers(0, 23)] = True  # a full plane: distances reach across it
     mask[tuple(rng.integers(0, n) for n in mask.shape)] = False  # at least one background voxel
-    expected = ndimage.distance_transform_edt(mask)
-    np.testing.assert_array_equal(distance_to_background(mask, dtype=np.float64, chunk_voxels=chunk), expected)
+    np.testing.assert_allclose(distance_to_background(mask), ndimage.distance_transform_edt(mask), rtol=1e-6)
+    labels = ndimage.label(mask)[0]
+    labels[:, :, 5:] *= 2  # split labels: the cut counts as a boundary of both sides
+    expected = np.zeros(mask.shape)
+    for k in np.unique(labels[labels > 0]):
+        expected[labels == k] = ndimage.distance_transform_edt(labels == k)[labels == k]
+    np.testing.assert_allclose(distance_to_background(labels), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.8, 2.0, 3.5])
+def test_smooth_noise_has_unit_variance_and_the_gaussian_correlation(sigma):
+    """White noise filtered by a Gaussian of σ has correlation exp(−d²/(4σ²)) at lag d (continuous limit)."""
+    from phantoms.microstructure import smooth_noise
+
+    n = smooth_noise((64, 48, 80), sigma, np.random.default_rng(3))
+    assert n.dtype == np.float32 and n.shape == (64, 48, 80)
+    assert n.var() == pytest.approx(1.0, rel=0.08)
+    for axis in range(3):
+        for lag in (1, 2):
+            corr = np.mean(n * np.roll(n, lag, axis=axis)) / n.var()
+            assert corr == pytest.approx(np.exp(-lag**2 / (4 * sigma**2)), abs=0.04)
+
+
+def test_fft_gaussian_filter_matches_scipy():
+    """Periodic laterally as scipy's mode="wrap"; zero-padded along z as mode="constant"."""
+    from phantoms.microstructure import gaussian_filter_fft
+
+    v = np.random.default_rng(4).random((40, 32, 36)).astype(np.float32)
+    expected = ndimage.gaussian_filter(v.astype(float), 2.5, mode=("constant", "wrap", "wrap"), truncate=6)
+    np.testing.assert_allclose(gaussian_filter_fft(v, 2.5, pad_z=16), expected, atol=2e-3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_fragments_are_the_voronoi_cells_of_their_centres_clipped_to_noisy_balls(seed):
+    """The compiled painter equals the reference: owner = nearest centre by scipy's EDT, inside d ≤ r(1 + 0.25 n)."""
+    from phantoms._voxelize import nearest_fragment
+
+    rng = np.random.default_rng(seed)
+    shape = (20, 18, 22)
+    centres = np.column_stack([rng.integers(0, n, 12) for n in shape])
+    centres = np.unique(centres, axis=0)
+    radii = rng.uniform(0.6, 3.0, len(centres))
+    pore = rng.random(shape) < 0.8
+    noise = rng.standard_normal(shape).astype(np.float32)
+    owner = nearest_fragment(centres.astype(np.int64), radii, 2 * 3.0 + 1.0, pore, noise)
+    markers = np.ones(shape, bool)
+    markers[tuple(centres.T)] = False
+    dist, idx = ndimage.distance_transform_edt(markers, return_indices=True)
+    index = np.full(shape, -1)
+    index[tuple(centres.T)] = np.arange(len(centres))
+    nearest = index[tuple(idx)]
+    inside = pore & (dist <= radii[nearest] * (1 + 0.25 * np.clip(noise, -4, 4)))
+    # ties between equidistant centres may go either way: compare where the nearest centre is unique
+    d_all = np.linalg.norm(np.indices(shape).reshape(3, -1).T[:, None] - centres[None], axis=2).reshape(shape + (len(centres),))
+    unique = (np.sort(d_all, axis=-1)[..., 1] - np.sort(d_all, axis=-1)[..., 0]) > 1e-9
+    np.testing.assert_array_equal(np.where(inside, nearest, -1)[unique], owner[unique])
