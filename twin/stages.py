@@ -63,8 +63,8 @@ def twin_stages() -> list[Stage]:
     return [
         Stage("rehearsal", 1, ("cell", "protocol", "sample.electrode_thickness_um", "sample.particle_median_diameter_um",
                                "sample.particle_diameter_log_sigma"), Lazy("twin.rehearse:compute_rehearsal")),
-        Stage("microstructure", 1, ("sample", "beamline.energy_kev"), Lazy("phantoms.truth:compute_microstructure")),
-        Stage("truth", 1, ("sample", "beamline.energy_kev"), Lazy("phantoms.truth:compute_truth"),
+        Stage("microstructure", 2, ("sample", "beamline.energy_kev"), Lazy("phantoms.truth:compute_microstructure")),
+        Stage("truth", 2, ("sample", "beamline.energy_kev"), Lazy("phantoms.truth:compute_truth"),
               needs=lambda item, r: [("microstructure", None), ("rehearsal", None)], items=scans),
         Stage("holograms", 3, ("beamline", "sample.voxel_size_um", "oracle.noise_free_holograms"),
               Lazy("twin.instrument:compute_holograms"), needs=lambda item, r: [("truth", item)], items=scans),
