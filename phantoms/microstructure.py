@@ -323,7 +323,10 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
     # (5) fragments in the widest pores
     pore = np.zeros(shape, bool)
     pore[z_cu:z_top] = particle[z_cu:z_top] == 0
-    room = distance_to_background(pore)
+    # the electrode's layers and one background plane either side give the same distances as the whole volume
+    e_lo, e_hi = max(0, z_cu - 1), min(nz, z_top + 1)
+    room = np.zeros(shape, np.float32)
+    room[e_lo:e_hi] = distance_to_background(pore[e_lo:e_hi])
     # Fragments also make up for the Si that cracks and dropped specks removed, so the total Si matches the recipe.
     n_frag_target = recipe.si * (z_top - z_cu) * n_lat * n_lat - np.count_nonzero(particle)
     fragment_ids = []
@@ -370,9 +373,9 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         thresh = np.partition(pore_scores, pore_scores.size - n_cbd)[pore_scores.size - n_cbd]
         cbd = pore & (score >= thresh)
     del neck, score, pore_scores
-    fine = smooth_noise(shape, 0.6, rng)
-    cbd_porosity = np.where(cbd, np.clip(sample.cbd_nanoporosity + 0.15 * fine, 0.02, 0.98), 0).astype(np.float32)
-    del fine
+    # One sub-voxel texture field serves the CBD's nanoporosity and the bands' edge roughness: they use disjoint voxels.
+    texture = smooth_noise(shape, 0.7, rng)
+    cbd_porosity = np.where(cbd, np.clip(sample.cbd_nanoporosity + 0.15 * texture, 0.02, 0.98), 0).astype(np.float32)
 
     phase = np.full(shape, Phase.ELECTROLYTE, np.uint8)
     phase[:z_cu] = Phase.COPPER
@@ -384,17 +387,16 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
     band = np.zeros(shape, np.float32)
     objs = ndimage.find_objects(particle)
     rows, bands = [], {}
-    band_noise = smooth_noise(shape, 0.8, rng)
     # Distance to the own surface: contacts with other particles count as surface.
-    surface = distance_to_background(particle)
+    surface = np.zeros(shape, np.float32)
+    surface[e_lo:e_hi] = distance_to_background(particle[e_lo:e_hi])
+    fragment_set = set(fragment_ids)
     for pid0, sl in enumerate(objs):
         if sl is None:
             continue
         pid = pid0 + 1
-        sl = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(sl, shape))
         own = particle[sl] == pid
-        grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in sl], indexing="ij"), -1).astype(float)
-        pts = grid[own]
+        pts = np.column_stack(np.nonzero(own)).astype(float) + [s.start for s in sl]
         c = pts.mean(axis=0)
         nvox = len(pts)
         r_eq = (3 * nvox / (4 * np.pi)) ** (1 / 3)
@@ -409,16 +411,17 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         normals = np.array([p[0] for p in planes])
         points = np.array([p[1] for p in planes])
         dist = np.abs(np.einsum("pk,bk->pb", pts, normals) - np.einsum("bk,bk->b", points, normals)[None]).min(axis=1)
-        band[sl][own] = (dist + 0.5 * band_noise[sl][own]).clip(0)
+        band[sl][own] = (dist + 0.5 * texture[sl][own]).clip(0)
         bands[pid] = np.column_stack([normals, points])
         depth_um = (z_top - 0.5 - c[0]) * a
         rows.append({"id": pid, "z_vox": c[0], "y_vox": c[1], "x_vox": c[2], "z_um": c[0] * a, "y_um": c[1] * a,
                      "x_um": c[2] * a, "volume_vox": nvox, "equivalent_diameter_um": 2 * r_eq * a,
-                     "depth_um": depth_um, "cracked": False, "fragment": pid in set(fragment_ids)})
+                     "depth_um": depth_um, "cracked": False, "fragment": pid in fragment_set})
     table = pd.DataFrame(rows)
     if len(table):
         cracked_ids = {pid for pid, cr in zip(ids, cracked) if cr}
         table["cracked"] = table["id"].isin(cracked_ids)
+    del texture
     return Microstructure(phase, particle, cbd_porosity, surface, band, table, a, z_cu, z_top, recipe, bands)
 
 

@@ -190,41 +190,47 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
 
     delta = lut_d[phase]
     beta = lut_b[phase]
-    cbd = phase == Phase.CBD
-    p = ms.cbd_porosity[cbd]
     el_d, el_b = oc.phase_delta[Phase.ELECTROLYTE], oc.phase_beta[Phase.ELECTROLYTE]
-    delta[cbd] = (1 - p) * oc.cbd_solid_delta + p * el_d
-    beta[cbd] = (1 - p) * oc.cbd_solid_beta + p * el_b
-    sx = x[si]
-    dl, bl = oc.lixsi(sx)
     d0, b0 = oc.lixsi(np.zeros(1))
-    crystalline = phase[si] == Phase.SI_CRYSTALLINE
-    delta[si] = np.where(crystalline, oc.phase_delta[Phase.SI_CRYSTALLINE] + (dl - d0[0]), dl)
-    beta[si] = np.where(crystalline, oc.phase_beta[Phase.SI_CRYSTALLINE] + (bl - b0[0]), bl)
+    expansion = sample.lithiated_volume_expansion
+    n_ids = int(ms.particle.max()) + 1
+    counts, J_sum, x_sum = np.zeros(n_ids), np.zeros(n_ids), np.zeros(n_ids)
+    swelling = np.zeros(phase.shape[0])
+    plane = phase.shape[1] * phase.shape[2]
+    # Plane by plane (slabs of ~2²¹ voxels): the per-voxel temporaries of Si (float64) stay small.
+    step = max(1, (1 << 21) // plane)
+    for z0 in range(0, phase.shape[0], step):
+        zs = slice(z0, z0 + step)
+        ph, d_s, b_s = phase[zs], delta[zs], beta[zs]
+        cbd = ph == Phase.CBD
+        p = ms.cbd_porosity[zs][cbd]
+        d_s[cbd] = (1 - p) * oc.cbd_solid_delta + p * el_d
+        b_s[cbd] = (1 - p) * oc.cbd_solid_beta + p * el_b
+        si_s = si[zs]
+        sx = x[zs][si_s]
+        dl, bl = oc.lixsi(sx)
+        crystalline = ph[si_s] == Phase.SI_CRYSTALLINE
+        d_s[si_s] = np.where(crystalline, oc.phase_delta[Phase.SI_CRYSTALLINE] + (dl - d0[0]), dl)
+        b_s[si_s] = np.where(crystalline, oc.phase_beta[Phase.SI_CRYSTALLINE] + (bl - b0[0]), bl)
+        # volume ratio J = Ω(x)/Ω_c per voxel (crystalline ones swell by the same increment from 1)
+        omega = optics.lixsi_volume_ratio(sx, expansion=expansion)
+        J_vox = np.where(crystalline, 1.0 + omega - optics.lixsi_volume_ratio(0.0, expansion=expansion), omega)
+        labels = ms.particle[zs][si_s]
+        counts += np.bincount(labels, minlength=n_ids)
+        J_sum += np.bincount(labels, weights=J_vox, minlength=n_ids)
+        x_sum += np.bincount(labels, weights=sx / optics.X_FULL, minlength=n_ids)
+        per_plane = si_s.sum(axis=(1, 2))
+        swelling[zs] = np.bincount(np.repeat(np.arange(per_plane.size), per_plane), weights=J_vox - 1.0,
+                                   minlength=per_plane.size) / plane
     if sei_partial is not None:
         w = np.float32(sample.sei_thickness_um / a)
         delta[sei_partial] = (1 - w) * delta[sei_partial] + w * oc.phase_delta[Phase.SEI]
         beta[sei_partial] = (1 - w) * beta[sei_partial] + w * oc.phase_beta[Phase.SEI]
-
-    # per-particle volume ratio J = mean Ω(x)/Ω_c (crystalline voxels: 1)
-    J_vox = np.where(phase[si] == Phase.SI_CRYSTALLINE, 1.0 + optics.lixsi_volume_ratio(sx, expansion=sample.lithiated_volume_expansion)
-                     - optics.lixsi_volume_ratio(0.0, expansion=sample.lithiated_volume_expansion),
-                     optics.lixsi_volume_ratio(sx, expansion=sample.lithiated_volume_expansion))
-    labels = ms.particle[si]
-    counts = np.bincount(labels, minlength=ids.max() + 1 if ids.size else 1)
-    J = np.bincount(labels, weights=J_vox, minlength=counts.size)[ids] / np.maximum(counts[ids], 1)
-    measured = np.bincount(labels, weights=sx / optics.X_FULL, minlength=counts.size)[ids] / np.maximum(counts[ids], 1)
-    return {"phase": phase, "lithiation": x, "delta": delta.astype(np.float32), "beta": beta.astype(np.float32),
-            "volume_ratio": J, "measured_fraction": measured, "bubble": bubble_info,
-            "swelling_density": _swelling_profile(ms, labels, J_vox)}
-
-
-def _swelling_profile(ms: Microstructure, labels, J_vox) -> np.ndarray:
-    """Slab mean of (J − 1) over Si at each z: the electrode's swelling per unit volume along z."""
-    si = ms.particle > 0
-    zs = np.nonzero(si)[0]
-    per_z = np.bincount(zs, weights=J_vox - 1.0, minlength=ms.phase.shape[0])
-    return per_z / (ms.phase.shape[1] * ms.phase.shape[2])
+    J = J_sum[ids] / np.maximum(counts[ids], 1)
+    measured = x_sum[ids] / np.maximum(counts[ids], 1)
+    # swelling_density: slab mean of (J − 1) over Si at each z, the electrode's swelling per unit volume along z
+    return {"phase": phase, "lithiation": x, "delta": delta, "beta": beta, "volume_ratio": J, "measured_fraction": measured,
+            "bubble": bubble_info, "swelling_density": swelling}
 
 
 # --- deformation -----------------------------------------------------------------------------
