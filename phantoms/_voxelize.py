@@ -125,3 +125,24 @@ def label_centres(labels, n):
                 total[k, 1] += y
                 total[k, 2] += x
     return count, total / np.maximum(count, 1)[:, None]
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def band_distance(labels, planes, starts, noise, roughness):
+    """max(0, min over its particle's planes of |X · n − o| + roughness · noise) at every labelled voxel, else 0.
+
+    ``planes`` (P, 4) rows (n_z, n_y, n_x, o) with |n| = 1; particle k owns rows starts[k]:starts[k + 1].
+    """
+    nz, ny, nx = labels.shape
+    out = np.zeros(labels.shape, np.float32)
+    for z in prange(nz):
+        for y in range(ny):
+            for x in range(nx):
+                k = labels[z, y, x]
+                if k == 0 or starts[k] == starts[k + 1]:
+                    continue
+                best = np.inf
+                for p in range(starts[k], starts[k + 1]):
+                    best = min(best, abs(z * planes[p, 0] + y * planes[p, 1] + x * planes[p, 2] - planes[p, 3]))
+                out[z, y, x] = max(0.0, best + roughness * noise[z, y, x])
+    return out

@@ -362,7 +362,7 @@ class Deformation:
         kern, outer = self._kern(), self._outer_params(True)
         nz, ny, nx = self.shape
         # φ⁻¹ on every 2nd voxel first: interpolated, it starts each voxel's Newton iterations ~1e-3 voxel away
-        coarse = np.empty((3, nz // 2 + 1, ny // 2 + 1, nx // 2 + 1))
+        coarse = np.empty((3, nz // 2 + 1, ny // 2 + 1, nx // 2 + 1), np.float32)  # a guess: float32 is plenty
         self._check_inverse(compiled.inverse_slab(0, 2, coarse, np.empty((3, 0, 0, 0)), kern, outer, NEWTON_TOL_VOX))
         step = max(1, SLAB_VOXELS // (ny * nx))
         for z0 in range(0, nz, step):

@@ -357,12 +357,19 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         particle[inside] = first + owner[inside]
         fragment_ids = list(range(first, first + len(cand)))
         del owner, inside
+    del room, pore
+
+    # Distance of Si voxels to their particle's own surface: contacts with other particles count as surface.
+    surface = np.zeros(shape, np.float32)
+    surface[e_lo:e_hi] = distance_to_background(particle[e_lo:e_hi])
 
     # (6) CBD at necks and contacts
     si = particle > 0
     neck = gaussian_filter_fft(si, 0.18 * d50, pad_z=int(np.ceil(4 * 0.18 * d50)))  # laterally periodic
     agglomerate = smooth_noise(shape, max(0.5, 0.4 / a), rng)
-    score = neck + 0.12 * agglomerate
+    score = neck
+    score += 0.12 * agglomerate
+    del agglomerate
     pore = np.zeros(shape, bool)
     pore[z_cu:z_top] = ~si[z_cu:z_top]
     n_cbd = int(round(recipe.cbd_domain * (z_top - z_cu) * n_lat * n_lat))
@@ -382,23 +389,20 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
     phase[z_top:] = Phase.SEPARATOR
     phase[cbd] = Phase.CBD
     phase[si] = Phase.SI_CRYSTALLINE
+    del cbd, si, pore
 
-    # (7) per-particle distances: to its own surface, and to its lithiation bands
-    band = np.zeros(shape, np.float32)
-    objs = ndimage.find_objects(particle)
+    # (7) lithiation band planes per particle, and each Si voxel's distance to its particle's nearest one
+    n_labels = int(particle.max())
+    counts, com = _voxelize.label_centres(particle, n_labels)
     rows, bands = [], {}
-    # Distance to the own surface: contacts with other particles count as surface.
-    surface = np.zeros(shape, np.float32)
-    surface[e_lo:e_hi] = distance_to_background(particle[e_lo:e_hi])
     fragment_set = set(fragment_ids)
-    for pid0, sl in enumerate(objs):
-        if sl is None:
+    plane_rows, plane_starts = [], [0] * (n_labels + 2)
+    for pid in range(1, n_labels + 1):
+        nvox = int(counts[pid])
+        plane_starts[pid + 1] = plane_starts[pid]
+        if nvox == 0:
             continue
-        pid = pid0 + 1
-        own = particle[sl] == pid
-        pts = np.column_stack(np.nonzero(own)).astype(float) + [s.start for s in sl]
-        c = pts.mean(axis=0)
-        nvox = len(pts)
+        c = com[pid]
         r_eq = (3 * nvox / (4 * np.pi)) ** (1 / 3)
         rot = _random_rotation(rng)
         families = rng.choice(4, size=rng.integers(2, 4), replace=False)
@@ -410,13 +414,15 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
             planes += [(nrm, c + o * nrm) for o in offsets]
         normals = np.array([p[0] for p in planes])
         points = np.array([p[1] for p in planes])
-        dist = np.abs(np.einsum("pk,bk->pb", pts, normals) - np.einsum("bk,bk->b", points, normals)[None]).min(axis=1)
-        band[sl][own] = (dist + 0.5 * texture[sl][own]).clip(0)
         bands[pid] = np.column_stack([normals, points])
+        plane_rows.append(np.column_stack([normals, np.einsum("bk,bk->b", points, normals)]))
+        plane_starts[pid + 1] += len(planes)
         depth_um = (z_top - 0.5 - c[0]) * a
         rows.append({"id": pid, "z_vox": c[0], "y_vox": c[1], "x_vox": c[2], "z_um": c[0] * a, "y_um": c[1] * a,
                      "x_um": c[2] * a, "volume_vox": nvox, "equivalent_diameter_um": 2 * r_eq * a,
                      "depth_um": depth_um, "cracked": False, "fragment": pid in fragment_set})
+    planes = np.concatenate(plane_rows) if plane_rows else np.zeros((0, 4))
+    band = _voxelize.band_distance(particle, planes, np.asarray(plane_starts, np.int64), texture, 0.5)
     table = pd.DataFrame(rows)
     if len(table):
         cracked_ids = {pid for pid, cr in zip(ids, cracked) if cr}

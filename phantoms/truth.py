@@ -168,13 +168,17 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     if sample.sei_thickness_um > 0 and lith_ids.size:
         lithiated = np.zeros(int(ms.particle.max()) + 1, bool)
         lithiated[lith_ids] = True
-        d = distance_to_background(~lithiated[ms.particle])
         layers = sample.sei_thickness_um / a
-        host = (phase == Phase.ELECTROLYTE) | (phase == Phase.CBD)
+        reach = max(layers, 1.0)
+        # only the layers within reach of the electrode can hold SEI, and their distances need no others
+        lo, hi = max(0, ms.z_cu - int(np.ceil(reach)) - 1), min(phase.shape[0], ms.z_top + int(np.ceil(reach)) + 1)
+        near = distance_to_background(~lithiated[ms.particle[lo:hi]]) <= (layers if layers >= 0.5 else 1.0)
+        near &= (phase[lo:hi] == Phase.ELECTROLYTE) | (phase[lo:hi] == Phase.CBD)
         if layers >= 0.5:
-            phase[host & (d <= layers)] = Phase.SEI
+            phase[lo:hi][near] = Phase.SEI
         else:  # thinner than half a voxel: its partial volume enters δ, β of the adjacent voxels
-            sei_partial = host & (d <= 1.0)
+            sei_partial = np.zeros(phase.shape, bool)
+            sei_partial[lo:hi] = near
 
     bubble_info = None
     if bubble:

@@ -149,3 +149,56 @@ def test_fragments_are_the_voronoi_cells_of_their_centres_clipped_to_noisy_balls
     d_all = np.linalg.norm(np.indices(shape).reshape(3, -1).T[:, None] - centres[None], axis=2).reshape(shape + (len(centres),))
     unique = (np.sort(d_all, axis=-1)[..., 1] - np.sort(d_all, axis=-1)[..., 0]) > 1e-9
     np.testing.assert_array_equal(np.where(inside, nearest, -1)[unique], owner[unique])
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), block=st.sampled_from([1, 3, 8]))
+def test_power_cells_equal_the_lifted_kdtree_query(seed, block):
+    """The per-block candidate search gives every voxel the seed of least power |X − s|² − w, as a KD-tree
+    query in the lifted 4-D metric |(X, 0) − (s, √(W − w))|² does; the gauge uses that seed's facets."""
+    from scipy.spatial import cKDTree
+
+    from phantoms._voxelize import power_cells
+
+    rng = np.random.default_rng(seed)
+    shape = (13, 17, 11)
+    seeds = rng.uniform(-4, 20, (25, 3)) + [3.0, 0, 0]
+    weights = rng.uniform(0, 30, 25)
+    facets = rng.standard_normal((25, 5, 3))
+    h_min, roundness = rng.uniform(1, 3, 25), rng.uniform(0, 0.6, 25)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    cell = np.empty(shape, np.int32)
+    gauge = np.empty(shape, np.float32)
+    power_cells(3.0, seeds, weights, facets, h_min, roundness, noise, 0.1, block, cell, gauge)
+    X = np.indices(shape).reshape(3, -1).T + [3.0, 0, 0]
+    lifted = np.column_stack([seeds, np.sqrt(weights.max() - weights)])
+    _, lab = cKDTree(lifted).query(np.column_stack([X, np.zeros(len(X))]))
+    np.testing.assert_array_equal(cell.reshape(-1), lab + 1)
+    y = X - seeds[lab]
+    g = (1 - roundness[lab]) * np.einsum("nkj,nj->nk", facets[lab], y).max(axis=1) \
+        + roundness[lab] * np.linalg.norm(y, axis=1) / h_min[lab]
+    np.testing.assert_allclose(gauge.reshape(-1), g * (1 + 0.1 * noise.reshape(-1)), rtol=1e-5, atol=1e-5)
+
+
+def test_label_centres_and_band_distances_match_numpy():
+    from phantoms._voxelize import band_distance, label_centres
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 4, (9, 10, 11)).astype(np.int32)
+    count, centre = label_centres(labels, 4)
+    for k in range(1, 4):
+        np.testing.assert_allclose(centre[k], ndimage.center_of_mass(labels == k))
+        assert count[k] == np.count_nonzero(labels == k)
+    assert count[4] == 0
+    normals = rng.standard_normal((5, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    planes = np.column_stack([normals, rng.uniform(-3, 3, 5)])
+    starts = np.array([0, 0, 2, 2, 5, 5])  # particle 2 has no planes: distance 0
+    noise = rng.standard_normal(labels.shape).astype(np.float32)
+    out = band_distance(labels, planes, starts, noise, 0.5)
+    X = np.indices(labels.shape).reshape(3, -1).T
+    for k, rows in ((1, slice(0, 2)), (3, slice(2, 5))):
+        own = labels.reshape(-1) == k
+        d = np.abs(X[own] @ planes[rows, :3].T - planes[rows, 3]).min(axis=1)
+        np.testing.assert_allclose(out.reshape(-1)[own], np.clip(d + 0.5 * noise.reshape(-1)[own], 0, None), rtol=1e-5, atol=1e-6)
+    assert np.all(out[labels == 0] == 0) and np.all(out[labels == 2] == 0)

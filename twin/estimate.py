@@ -81,8 +81,10 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
     padded = 4 * det_px  # 2× padding in each direction
 
     mem = {
-        # phase u1 + particle i4 + lithiation, delta, beta f4 + displacement 3×f4 + one warp buffer (3 coords f4)
-        "truth": n_vox * (1 + 4 + 3 * 4 + 3 * 4 + 3 * 4),
+        # held at the warp (benchmarks/bench_phantoms.py measures 16.5 float32 volumes at 256³): the microstructure
+        # (phase u1, particle i4, CBD porosity and two distance keys f4), the scan's reference state (phase u1,
+        # lithiation, δ, β f4), the displacement 3×f4, the warped phase, particle, lithiation, δ, β, the coarse inverse
+        "truth": n_vox * (17 + 13 + 12 + 17 + 2),
         # δ, β volumes + a chunk of projections, each propagated on a padded complex64 grid
         "holograms": n_vox * 8 + angle_chunk * n_dist * (padded * 8 + det_px * 4),
         # flats/darks + phase-retrieved slab + output volume (f4) + a slab of sinograms
