@@ -8,9 +8,11 @@ In one run:
   :func:`phantoms.microstructure.generate_microstructure` plus
   :func:`phantoms.truth.truth_for_scan` of one lithiated scan (lithiation, optics,
   SEI, deformation with its fold check, exact inverse, warp of five volumes);
-* ``ratio`` = ours ÷ reference (target <= 5);
-* ``peak_memory_ratio`` = peak traced memory (tracemalloc: NumPy's allocations) of
-  ``ours`` ÷ the size of one float32 volume (target <= 6).
+* ``ratio`` = ours ÷ reference (target <= 5); ``written_ratio``: the same with the scan written to
+  ``phantom.nc`` slab by slab (:func:`phantoms.truth.write_truth`, gzip: what the ``truth`` stage does);
+* ``peak_memory_ratio`` = peak traced memory (tracemalloc: NumPy's allocations) of the microstructure
+  and the written scan ÷ the size of one float32 volume (target <= 6);
+  ``in_memory_peak_memory_ratio`` with the scan held in memory instead (``truth_for_scan``).
 
 Geometry: 100 nm voxels, 25.6 µm field of view and height (1 µm Cu, 18 µm
 electrode, 6.6 µm headroom), 5 µm median particles: ~120 large particles (the issue asks ~50; 6.5 µm
@@ -22,14 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from phantoms.microstructure import generate_microstructure
-from phantoms.truth import truth_for_scan
+from phantoms.truth import truth_for_scan, write_truth
 from twin.scenario import load_scenario
 
 
@@ -65,20 +69,32 @@ def main() -> None:
     t = time.perf_counter()
     ms = generate_microstructure(sc.sample, np.random.default_rng(1))
     t_ms = time.perf_counter() - t
+    _, ms_peak = tracemalloc.get_traced_memory()
     big = ~ms.particles["fragment"].to_numpy(bool)
     f = np.where(big, 0.3, 0.5) * np.exp(-ms.particles["depth_um"].to_numpy() / 20)
-    t1 = time.perf_counter()
+    tracemalloc.reset_peak()
+    t = time.perf_counter()
     ds, table, d = truth_for_scan(ms, sc.sample, sc.beamline.energy_kev, f, f, scan="T1", scan_index=1, seed=1)
-    t_scan = time.perf_counter() - t1
-    ours_s = time.perf_counter() - t
-    _, peak = tracemalloc.get_traced_memory()
+    t_scan = time.perf_counter() - t
+    _, scan_peak = tracemalloc.get_traced_memory()
+    del ds, table, d
+    tracemalloc.reset_peak()
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        write_truth(ms, sc.sample, sc.beamline.energy_kev, f, f, scan="T1", scan_index=1, seed=1,
+                    path=Path(tmp) / "phantom.nc")
+        t_written = time.perf_counter() - t
+        _, written_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     volume_bytes = 4 * int(np.prod(shape))
     print(json.dumps({
         "shape": list(shape), "voxel_size_um": a, "n_particles": int(big.sum()), "n_fragments": int((~big).sum()),
         "reference_s": round(reference_s, 3), "microstructure_s": round(t_ms, 2), "scan_s": round(t_scan, 2),
-        "ours_s": round(ours_s, 2), "ratio": round(ours_s / reference_s, 1), "target_ratio": 5,
-        "peak_memory_ratio": round(peak / volume_bytes, 2), "target_peak_memory_ratio": 6,
+        "ours_s": round(t_ms + t_scan, 2), "ratio": round((t_ms + t_scan) / reference_s, 1), "target_ratio": 5,
+        "written_scan_s": round(t_written, 2), "written_ratio": round((t_ms + t_written) / reference_s, 1),
+        "peak_memory_ratio": round(max(ms_peak, written_peak) / volume_bytes, 2), "target_peak_memory_ratio": 6,
+        "in_memory_peak_memory_ratio": round(max(ms_peak, scan_peak) / volume_bytes, 2),
+        "microstructure_peak_memory_ratio": round(ms_peak / volume_bytes, 2),
     }))
 
 

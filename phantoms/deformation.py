@@ -326,24 +326,43 @@ class Deformation:
         raise StageError(f"deformation: inverse map did not converge (residual {err:.2e} voxel); the field folds")
 
     # --- grid passes (compiled) -----------------------------------------------------------
-    def displacement_field(self, *, check: bool = True) -> np.ndarray:
+    def displacement_field(self, *, check: bool = True, out=None):
         """u on every voxel of the reference grid, float32 (3, z, y, x), voxels; checks det F > 0 on the way.
+
+        Parameters
+        ----------
+        check
+            Evaluate det F at every voxel and refuse a fold.
+        out
+            Where to write u: anything that takes ``out[:, z0:z1] = slab`` (an h5py / h5netcdf
+            variable streams it to disk); default a new array, returned.
 
         Raises
         ------
         FoldingError
-            When det F ≤ 0 at some voxel (with its position and value).
+            When det F ≤ 0 at some voxel (with its position and value); slabs after it are not computed.
         """
-        out = np.empty((3,) + self.shape, np.float32)
-        det, at = compiled.displacement_slab(0, out, self._kern(), self._outer_params(False), check)
-        if check and det <= 0:
-            z, y, x = np.unravel_index(at, self.shape)
-            raise FoldingError(
-                f"deformation folds: det F = {det:.3g} at voxel (z, y, x) = {(int(z), int(y), int(x))}; reduce "
-                f"sample.prescribed_bumps / sample.prescribed_deformation_gradient / sample.lithiated_volume_expansion")
+        out = np.empty((3,) + self.shape, np.float32) if out is None else out
+        kern, outer = self._kern(), self._outer_params(False)
+        for z0, z1 in self._slabs():
+            slab = out[:, z0:z1] if isinstance(out, np.ndarray) else np.empty((3, z1 - z0) + self.shape[1:], np.float32)
+            det, at = compiled.displacement_slab(z0, slab, kern, outer, check)
+            if check and det <= 0:
+                z, y, x = np.unravel_index(at, slab.shape[1:])
+                raise FoldingError(
+                    f"deformation folds: det F = {det:.3g} at voxel (z, y, x) = {(int(z) + z0, int(y), int(x))}; reduce "
+                    f"sample.prescribed_bumps / sample.prescribed_deformation_gradient / sample.lithiated_volume_expansion")
+            if not isinstance(out, np.ndarray):
+                out[:, z0:z1] = slab
         return out
 
-    def warp(self, volumes: dict[str, tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+    def _slabs(self):
+        """(z0, z1) of the slabs of ~SLAB_VOXELS voxels the grid passes go by (bounding their work arrays)."""
+        nz, ny, nx = self.shape
+        step = max(1, SLAB_VOXELS // (ny * nx))
+        return [(z0, min(nz, z0 + step)) for z0 in range(0, nz, step)]
+
+    def warp(self, volumes: dict[str, tuple[np.ndarray, int]], out: dict | None = None) -> dict:
         """The volumes as imaged at this scan: v_i(x) = v_0(φ⁻¹(x)).
 
         Parameters
@@ -351,6 +370,9 @@ class Deformation:
         volumes
             name → (reference volume (z, y, x), interpolation order: 0 for labels, 1 for fields; higher
             orders go through ``scipy.ndimage.map_coordinates``).
+        out
+            name → where to write the warped volume (anything that takes ``out[name][z0:z1] = slab``:
+            an h5py / h5netcdf variable streams it to disk); default new arrays of the volumes' dtypes.
 
         Notes
         -----
@@ -358,25 +380,27 @@ class Deformation:
         :meth:`inverse`), then nearest or trilinear sampling with ``mode="nearest"``
         (material from outside the field of view repeats the border).
         """
-        out = {name: np.empty(self.shape, v.dtype) for name, (v, _) in volumes.items()}
+        out = {name: np.empty(self.shape, v.dtype) for name, (v, _) in volumes.items()} if out is None else out
         kern, outer = self._kern(), self._outer_params(True)
         nz, ny, nx = self.shape
         # φ⁻¹ on every 2nd voxel first: interpolated, it starts each voxel's Newton iterations ~1e-3 voxel away
         coarse = np.empty((3, nz // 2 + 1, ny // 2 + 1, nx // 2 + 1), np.float32)  # a guess: float32 is plenty
         self._check_inverse(compiled.inverse_slab(0, 2, coarse, np.empty((3, 0, 0, 0)), kern, outer, NEWTON_TOL_VOX))
-        step = max(1, SLAB_VOXELS // (ny * nx))
-        for z0 in range(0, nz, step):
-            X = np.empty((3, min(nz, z0 + step) - z0, ny, nx))
+        for z0, z1 in self._slabs():
+            X = np.empty((3, z1 - z0, ny, nx))
             self._check_inverse(compiled.inverse_slab(z0, 1, X, coarse, kern, outer, NEWTON_TOL_VOX))
             coords = X.reshape(3, -1)
             for name, (v, order) in volumes.items():
-                dest = out[name][z0:z0 + X.shape[1]]
+                target = out[name]
+                dest = target[z0:z1] if isinstance(target, np.ndarray) else np.empty(X.shape[1:], v.dtype)
                 if order == 0:
                     compiled.sample_nearest(v, coords, dest.reshape(-1))
                 elif order == 1:
                     compiled.sample_linear(v, coords, dest.reshape(-1))
                 else:
                     dest[...] = ndimage.map_coordinates(v, X, order=order, mode="nearest")
+                if not isinstance(target, np.ndarray):
+                    target[z0:z1] = dest
         return out
 
     @staticmethod

@@ -25,7 +25,7 @@ from phantoms.lithiation import lithiate
 from phantoms.microstructure import Microstructure, Recipe, distance_to_background, generate_microstructure
 from phantoms.phases import Phase
 from twin.errors import InputFileError
-from twin.io import NETCDF_ENGINE, atomic_path, write_netcdf
+from twin.io import NETCDF_COMPRESSION, NETCDF_ENGINE, atomic_path, write_netcdf
 from twin.warnings import TwinWarning
 
 MIN_KERNEL_RADIUS_VOX = 3.0  # particles with a smaller equivalent radius get no swelling kernel
@@ -155,6 +155,7 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     phase = ms.phase.copy()
     si = ms.particle > 0
     phase[si] = si_phase[si]
+    del si_phase
 
     oc = optics.optical_constants(energy_kev, binder=sample.binder_mass_fraction,
                                   carbon_black=sample.carbon_black_mass_fraction, swcnt=sample.swcnt_mass_fraction,
@@ -172,7 +173,7 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
         reach = max(layers, 1.0)
         # only the layers within reach of the electrode can hold SEI, and their distances need no others
         lo, hi = max(0, ms.z_cu - int(np.ceil(reach)) - 1), min(phase.shape[0], ms.z_top + int(np.ceil(reach)) + 1)
-        near = distance_to_background(~lithiated[ms.particle[lo:hi]]) <= (layers if layers >= 0.5 else 1.0)
+        near = _within_distance(lithiated[ms.particle[lo:hi]], layers if layers >= 0.5 else 1.0)
         near &= (phase[lo:hi] == Phase.ELECTROLYTE) | (phase[lo:hi] == Phase.CBD)
         if layers >= 0.5:
             phase[lo:hi][near] = Phase.SEI
@@ -235,6 +236,19 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     # swelling_density: slab mean of (J − 1) over Si at each z, the electrode's swelling per unit volume along z
     return {"phase": phase, "lithiation": x, "delta": delta, "beta": beta, "volume_ratio": J, "measured_fraction": measured,
             "bubble": bubble_info, "swelling_density": swelling}
+
+
+def _within_distance(mask: np.ndarray, distance_vox: float) -> np.ndarray:
+    """Voxels whose centre is within ``distance_vox`` of a True voxel's centre (boolean).
+
+    Up to 2 voxels: a dilation by the ball of that radius (exactly the same set, at 1 byte per
+    voxel); beyond, the distance transform (the ball's cost grows as its volume).
+    """
+    if distance_vox <= 2.0:
+        r = int(np.floor(distance_vox))
+        offsets = np.indices((2 * r + 1,) * 3) - r
+        return ndimage.binary_dilation(mask, structure=(offsets**2).sum(axis=0) <= distance_vox**2)
+    return distance_to_background(~mask) <= distance_vox
 
 
 # --- deformation -----------------------------------------------------------------------------
@@ -303,9 +317,24 @@ def _rigid_ramp(radii: np.ndarray, amp: np.ndarray, bump_vectors: np.ndarray) ->
 
 
 # --- the scan's dataset ------------------------------------------------------------------------
+_DIMS = ("z", "y", "x")
+# name → (dims, dtype, attributes) of the scan's volumes in phantom.nc
+_VOLUMES = {
+    "phase": (_DIMS, np.uint8, {"description": "phantoms.phases.Phase: " + ", ".join(f"{p.value} {p.name}" for p in Phase)}),
+    "particle": (_DIMS, np.int32, {"description": "particle instance label, 0 = none"}),
+    "lithiation": (_DIMS, np.float32, {"description": "x in LixSi", "units": "1"}),
+    "delta": (_DIMS, np.float32, {"description": "refractive index decrement δ", "units": "1"}),
+    "beta": (_DIMS, np.float32, {"description": "absorption index β", "units": "1"}),
+    "displacement": (("component",) + _DIMS, np.float32,
+                     {"units": "voxel", "description": "Lagrangian displacement of the material point at this voxel "
+                      "of the pristine T0 volume when imaged at this scan (spam convention of a Φ T0 → scan); "
+                      "× voxel_size_um for µm"}),
+}
+
+
 def truth_for_scan(ms: Microstructure, sample, energy_kev: float, fractions, max_fractions, *, scan: str,
                    scan_index: int, seed: int) -> tuple[xr.Dataset, pd.DataFrame, Deformation]:
-    """Everything ``truth`` writes for one scan: the Dataset, the particle table and the deformation.
+    """Everything ``truth`` writes for one scan, in memory: the Dataset, the particle table and the deformation.
 
     Parameters
     ----------
@@ -326,14 +355,62 @@ def truth_for_scan(ms: Microstructure, sample, energy_kev: float, fractions, max
     ------
     phantoms.deformation.FoldingError
         If the deformation folds anywhere (det F ≤ 0).
+
+    See Also
+    --------
+    write_truth : the same written to ``phantom.nc`` slab by slab as it is made (what the stage does).
     """
+    shape = ms.phase.shape
+    volumes = {name: np.empty((3,) + shape if len(dims) == 4 else shape, dtype) for name, (dims, dtype, _) in _VOLUMES.items()}
+    table, deformation, attrs = _scan_truth(ms, sample, energy_kev, fractions, max_fractions, scan=scan,
+                                            scan_index=scan_index, seed=seed, out=volumes)
+    ds = xr.Dataset({name: (dims, volumes[name], attrs_) for name, (dims, _, attrs_) in _VOLUMES.items()},
+                    coords={**_coords(shape, ms.voxel_size_um), "component": ("component", ["z", "y", "x"])})
+    ds.attrs.update(attrs)
+    return ds, table, deformation
+
+
+def write_truth(ms: Microstructure, sample, energy_kev: float, fractions, max_fractions, *, scan: str,
+                scan_index: int, seed: int, path: str | Path) -> tuple[pd.DataFrame, Deformation]:
+    """:func:`truth_for_scan` streamed into the netCDF file ``path`` (compressed as ``twin.io.write_netcdf`` does).
+
+    Each volume is written slab by slab as the displacement pass and the warp make it, so
+    only the microstructure and the scan's reference state are held (the warped volumes and
+    the displacement, 29 bytes per voxel, never are). The file is the one
+    ``write_netcdf(truth_for_scan(...)[0], path)`` writes, variable for variable (tested), and
+    appears only when complete. Returns the particle table and the deformation.
+    """
+    import h5netcdf
+    import h5py
+
+    shape = ms.phase.shape
+    a = ms.voxel_size_um
+    with atomic_path(path) as tmp, h5netcdf.File(tmp, "w") as f:
+        f.dimensions = {"z": shape[0], "y": shape[1], "x": shape[2], "component": 3}
+        for dim, (_, values, attrs_) in _coords(shape, a).items():
+            f.create_variable(dim, (dim,), data=values).attrs.update(attrs_)
+        f.create_variable("component", ("component",), data=np.array(["z", "y", "x"], dtype=object),
+                          dtype=h5py.string_dtype())
+        out = {}
+        for name, (dims, dtype, attrs_) in _VOLUMES.items():
+            chunks = (1,) * (len(dims) - 2) + shape[1:]  # one plane: slabs are written whole
+            out[name] = f.create_variable(name, dims, dtype, chunks=chunks, **NETCDF_COMPRESSION)
+            out[name].attrs.update(attrs_)
+        table, deformation, attrs = _scan_truth(ms, sample, energy_kev, fractions, max_fractions, scan=scan,
+                                                scan_index=scan_index, seed=seed, out=out)
+        f.attrs.update(attrs)
+    return table, deformation
+
+
+def _scan_truth(ms: Microstructure, sample, energy_kev, fractions, max_fractions, *, scan, scan_index, seed, out):
+    """Write the scan's volumes into ``out`` (name → array or netCDF variable); return table, deformation, attrs."""
     state = scan_state(ms, sample, energy_kev, np.asarray(fractions, float), np.asarray(max_fractions, float),
                        bubble=scan in sample.gas_bubble_scans)
     deformation = build_deformation(ms, sample, state, prescribed=scan_index > 0)
     swelling_scale = 1.0
     for attempt in range(SWELLING_RETRIES + 1):
         try:
-            u = deformation.displacement_field(check=True)
+            deformation.displacement_field(check=True, out=out["displacement"])
             break
         except FoldingError:
             # Superposed particle kernels can fold where several strongly swelling neighbours compress the same
@@ -345,25 +422,12 @@ def truth_for_scan(ms: Microstructure, sample, energy_kev: float, fractions, max
             deformation = build_deformation(ms, sample, state, prescribed=scan_index > 0, swelling_scale=swelling_scale)
     if swelling_scale < 1.0:
         warnings.warn(f"truth {scan}: particle swelling kernels folded the map; their amplitudes were scaled by "
-                      f"{swelling_scale:.3g}", TwinWarning, stacklevel=2)
-    warped = deformation.warp({"phase": (state["phase"], 0), "particle": (ms.particle, 0),
-                               "lithiation": (state["lithiation"], 1), "delta": (state["delta"], 1),
-                               "beta": (state["beta"], 1)})
+                      f"{swelling_scale:.3g}", TwinWarning, stacklevel=3)
+    deformation.warp({"phase": (state["phase"], 0), "particle": (ms.particle, 0), "lithiation": (state["lithiation"], 1),
+                      "delta": (state["delta"], 1), "beta": (state["beta"], 1)}, out=out)
     a = ms.voxel_size_um
-    dims = ("z", "y", "x")
-    ds = xr.Dataset(
-        {"phase": (dims, warped["phase"], {"description": "phantoms.phases.Phase: " + ", ".join(f"{p.value} {p.name}" for p in Phase)}),
-         "particle": (dims, warped["particle"], {"description": "particle instance label, 0 = none"}),
-         "lithiation": (dims, warped["lithiation"], {"description": "x in LixSi", "units": "1"}),
-         "delta": (dims, warped["delta"], {"description": "refractive index decrement δ", "units": "1"}),
-         "beta": (dims, warped["beta"], {"description": "absorption index β", "units": "1"}),
-         "displacement": (("component",) + dims, u,
-                          {"units": "voxel", "description": "Lagrangian displacement of the material point at this voxel "
-                           "of the pristine T0 volume when imaged at this scan (spam convention of a Φ T0 → scan); "
-                           "× voxel_size_um for µm"})},
-        coords={**_coords(ms.phase.shape, a), "component": ("component", ["z", "y", "x"])})
-    ds.attrs.update({"voxel_size_um": a, "energy_kev": energy_kev, "mechanism": sample.mechanism, "seed": int(seed),
-                     "scan": scan, "local_swelling_scale": swelling_scale, "z_cu_voxel": ms.z_cu, "z_top_voxel": ms.z_top})
+    attrs = {"voxel_size_um": a, "energy_kev": energy_kev, "mechanism": sample.mechanism, "seed": int(seed),
+             "scan": scan, "local_swelling_scale": swelling_scale, "z_cu_voxel": ms.z_cu, "z_top_voxel": ms.z_top}
     table = ms.particles.copy()
     table["lithiated_fraction"] = np.asarray(fractions, float)
     table["max_lithiated_fraction"] = np.asarray(max_fractions, float)
@@ -373,7 +437,7 @@ def truth_for_scan(ms: Microstructure, sample, energy_kev: float, fractions, max
     moved = deformation.map(table[["z_vox", "y_vox", "x_vox"]].to_numpy(float)) if len(table) else np.zeros((0, 3))
     for k, ax in enumerate("zyx"):
         table[f"{ax}_scan_um"] = moved[:, k] * a
-    return ds, table, deformation
+    return table, deformation, attrs
 
 
 def pristine_phantom(scenario) -> tuple[xr.Dataset, pd.DataFrame, Microstructure]:
@@ -420,10 +484,9 @@ def compute_truth(ctx) -> None:
         raise InputFileError(path, f"cannot read lithiated_fraction ({exc})") from None
     names = [str(s) for s in lith["scan"].values]
     frac, fmax = particle_fractions(lith, ctx.item, ms.particles)
-    ds, table, deformation = truth_for_scan(ms, ctx.scenario.sample, ctx.scenario.beamline.energy_kev, frac, fmax,
-                                            scan=ctx.item, scan_index=names.index(ctx.item), seed=ctx.scenario.run.seed)
     out = Path(ctx.out_dir)
-    write_netcdf(ds, out / "phantom.nc")
+    table, deformation = write_truth(ms, ctx.scenario.sample, ctx.scenario.beamline.energy_kev, frac, fmax, scan=ctx.item,
+                                     scan_index=names.index(ctx.item), seed=ctx.scenario.run.seed, path=out / "phantom.nc")
     _write_csv(table, out / "particles.csv")
     with atomic_path(out / "deformation.json") as tmp:
         tmp.write_text(json.dumps(deformation.to_dict()))

@@ -160,3 +160,29 @@ def test_folding_particle_swelling_is_damped_and_the_truth_is_the_field_applied(
     from phantoms.deformation import Deformation
 
     assert np.array_equal(Deformation.from_dict(deformation.to_dict()).displacement_field(check=False), u)
+
+
+def test_streamed_truth_file_is_the_in_memory_dataset_written(tmp_path):
+    """write_truth (slab by slab into phantom.nc, a fold retry included) gives the file write_netcdf writes of
+    truth_for_scan's Dataset: the same variables, values, attributes and coordinates; a failure leaves no file."""
+    from phantoms.deformation import FoldingError
+    from phantoms.microstructure import generate_microstructure
+    from phantoms.truth import truth_for_scan, write_truth
+    from twin.warnings import TwinWarning
+
+    sc = load_scenario("tiny", ["sample.gas_bubble_scans=[\"T1\"]"])
+    ms = generate_microstructure(sc.sample, np.random.default_rng(2))
+    f = np.full(len(ms.particles), 0.9)
+    with pytest.warns(TwinWarning, match="folded the map"):
+        ds, table, _ = truth_for_scan(ms, sc.sample, 29.6, f, f, scan="T1", scan_index=1, seed=3)
+    write_netcdf(ds, tmp_path / "memory.nc")
+    with pytest.warns(TwinWarning, match="folded the map"):
+        streamed_table, _ = write_truth(ms, sc.sample, 29.6, f, f, scan="T1", scan_index=1, seed=3, path=tmp_path / "phantom.nc")
+    with xr.open_dataset(tmp_path / "memory.nc", engine="h5netcdf") as a, \
+            xr.open_dataset(tmp_path / "phantom.nc", engine="h5netcdf") as b:
+        xr.testing.assert_identical(a.load(), b.load())
+    pd.testing.assert_frame_equal(table, streamed_table)
+    bad = sc.sample.model_copy(update={"prescribed_bumps": [[8.0, 12.8, 12.8, 1.0, 8.0, 0.0, 0.0]]})
+    with pytest.raises(FoldingError):
+        write_truth(ms, bad, 29.6, f, f, scan="T1", scan_index=1, seed=3, path=tmp_path / "folded.nc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.nc", "phantom.nc"]
