@@ -97,9 +97,12 @@ class Microstructure:
     cbd_porosity
         float32 local electrolyte fraction inside CBD voxels (0 elsewhere): the CBD texture.
     surface_distance
-        float32 distance of each Si voxel to its particle's surface (cracks included), voxels.
+        float32 distance of each Si voxel to its particle's surface (cracks included), voxels: the
+        core–shell key; None when the sample's mechanism is pathway (one key held, not two).
     band_distance
-        float32 distance of each Si voxel to its particle's nearest lithiation band plane, voxels.
+        float32 distance of each Si voxel to its particle's nearest lithiation band plane, voxels: the
+        pathway key; None for core–shell. The band planes (``bands``) are drawn either way, so both
+        mechanisms get the same electrode from the same seed.
     particles
         One row per particle: id, centre (voxels and µm), volume, equivalent diameter, depth
         below the electrode top, cracked, fragment.
@@ -112,8 +115,8 @@ class Microstructure:
     phase: np.ndarray
     particle: np.ndarray
     cbd_porosity: np.ndarray
-    surface_distance: np.ndarray
-    band_distance: np.ndarray
+    surface_distance: np.ndarray | None
+    band_distance: np.ndarray | None
     particles: pd.DataFrame
     voxel_size_um: float
     z_cu: int
@@ -360,8 +363,10 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
     del room, pore
 
     # Distance of Si voxels to their particle's own surface: contacts with other particles count as surface.
-    surface = np.zeros(shape, np.float32)
-    surface[e_lo:e_hi] = distance_to_background(particle[e_lo:e_hi])
+    surface = None
+    if sample.mechanism == "core_shell":
+        surface = np.zeros(shape, np.float32)
+        surface[e_lo:e_hi] = distance_to_background(particle[e_lo:e_hi])
 
     # (6) CBD at necks and contacts
     si = particle > 0
@@ -422,7 +427,9 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
                      "x_um": c[2] * a, "volume_vox": nvox, "equivalent_diameter_um": 2 * r_eq * a,
                      "depth_um": depth_um, "cracked": False, "fragment": pid in fragment_set})
     planes = np.concatenate(plane_rows) if plane_rows else np.zeros((0, 4))
-    band = _voxelize.band_distance(particle, planes, np.asarray(plane_starts, np.int64), texture, 0.5)
+    band = None
+    if sample.mechanism == "pathway":
+        band = _voxelize.band_distance(particle, planes, np.asarray(plane_starts, np.int64), texture, 0.5)
     table = pd.DataFrame(rows)
     if len(table):
         cracked_ids = {pid for pid, cr in zip(ids, cracked) if cr}

@@ -24,7 +24,7 @@ from phantoms.deformation import Deformation, FoldingError
 from phantoms.lithiation import lithiate
 from phantoms.microstructure import Microstructure, Recipe, distance_to_background, generate_microstructure
 from phantoms.phases import Phase
-from twin.errors import InputFileError
+from twin.errors import InputFileError, ScenarioError
 from twin.io import NETCDF_COMPRESSION, NETCDF_ENGINE, atomic_path, write_netcdf
 from twin.warnings import TwinWarning
 
@@ -38,10 +38,10 @@ SWELLING_RETRIES = 6
 def microstructure_dataset(ms: Microstructure) -> xr.Dataset:
     """The pristine microstructure as a Dataset (what ``microstructure.nc`` holds)."""
     dims = ("z", "y", "x")
+    keys = {name: (dims, getattr(ms, name), {"units": "voxel"}) for name in ("surface_distance", "band_distance")
+            if getattr(ms, name) is not None}
     ds = xr.Dataset(
-        {"phase": (dims, ms.phase), "particle": (dims, ms.particle), "cbd_porosity": (dims, ms.cbd_porosity),
-         "surface_distance": (dims, ms.surface_distance, {"units": "voxel"}),
-         "band_distance": (dims, ms.band_distance, {"units": "voxel"})},
+        {"phase": (dims, ms.phase), "particle": (dims, ms.particle), "cbd_porosity": (dims, ms.cbd_porosity), **keys},
         coords=_coords(ms.phase.shape, ms.voxel_size_um))
     ds.attrs.update({"voxel_size_um": ms.voxel_size_um, "z_cu": ms.z_cu, "z_top": ms.z_top,
                      **{f"recipe_{k}": v for k, v in vars(ms.recipe).items()}})
@@ -59,8 +59,8 @@ def load_microstructure(directory: str | Path) -> Microstructure:
     except (OSError, ValueError) as exc:
         raise InputFileError(path, f"cannot read the microstructure ({exc})") from None
     recipe = Recipe(**{k[len("recipe_"):]: float(v) for k, v in ds.attrs.items() if k.startswith("recipe_")})
-    return Microstructure(ds.phase.values, ds.particle.values, ds.cbd_porosity.values, ds.surface_distance.values,
-                          ds.band_distance.values, table, float(ds.attrs["voxel_size_um"]), int(ds.attrs["z_cu"]),
+    keys = [ds[name].values if name in ds else None for name in ("surface_distance", "band_distance")]
+    return Microstructure(ds.phase.values, ds.particle.values, ds.cbd_porosity.values, *keys, table, float(ds.attrs["voxel_size_um"]), int(ds.attrs["z_cu"]),
                           int(ds.attrs["z_top"]), recipe)
 
 
@@ -149,6 +149,9 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     a = ms.voxel_size_um
     ids = np.asarray(ms.particles["id"], int)
     key = ms.surface_distance if sample.mechanism == "core_shell" else ms.band_distance
+    if key is None:
+        raise ScenarioError(f"sample.mechanism: {sample.mechanism!r}, but the microstructure was generated for the "
+                            f"other mechanism (it holds only that one's lithiation key)")
     f = dict(zip(ids, fractions))
     fmax = dict(zip(ids, max_fractions))
     x, si_phase = lithiate(ms.particle, key, f, fmax, sample.front_width_um / a)

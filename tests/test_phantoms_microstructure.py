@@ -73,6 +73,14 @@ def test_same_seed_is_bit_identical_and_other_seed_differs(tiny):
         assert np.array_equal(getattr(ms, name), getattr(again, name)), name
     assert not np.array_equal(ms.particle, other.particle)
     assert (ms.phase != other.phase).mean() > 0.2
+    # the other mechanism: the same electrode from the same seed, holding its own lithiation key only
+    other_mechanism = "core_shell" if sc.sample.mechanism == "pathway" else "pathway"
+    twin = generate_microstructure(sc.sample.model_copy(update={"mechanism": other_mechanism}), np.random.default_rng(7))
+    for name in ("phase", "particle", "cbd_porosity"):
+        assert np.array_equal(getattr(ms, name), getattr(twin, name)), name
+    held = {m: (x.surface_distance is not None, x.band_distance is not None) for m, x in
+            ((sc.sample.mechanism, ms), (other_mechanism, twin))}
+    assert held == {"core_shell": (True, False), "pathway": (False, True)}
 
 
 def test_texture_cbd_porosity_varies_inside_cbd(tiny):
