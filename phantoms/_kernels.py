@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from phantoms.phases import Phase
+
 
 def build_hash(centres: np.ndarray, supports: np.ndarray):
     """Uniform cells (edge: half the median support) listing every kernel whose support box overlaps them (CSR)."""
@@ -317,4 +319,63 @@ def sample_linear(volume, coords, out):
             + (volume[z0, y1, x0] * (1 - fx) + volume[z0, y1, x1] * fx) * fy
         b = (volume[z1, y0, x0] * (1 - fx) + volume[z1, y0, x1] * fx) * (1 - fy) \
             + (volume[z1, y1, x0] * (1 - fx) + volume[z1, y1, x1] * fx) * fy
+        out[i] = a * (1 - fz) + b * fz
+
+
+_CBD, _SI_CRYSTALLINE = int(Phase.CBD), int(Phase.SI_CRYSTALLINE)
+_SILICON = (int(Phase.SI_CRYSTALLINE), int(Phase.SI_LITHIATED), int(Phase.SI_AMORPHOUS))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _optics_at(z, y, x, rules):
+    """δ (column 0) or β (column 1) of reference voxel (z, y, x) from its phase, Li content and CBD porosity.
+
+    ``lut`` (phases, 2): per-phase values; ``lixsi`` (n, 3): x, δ, β of LixSi, x ascending; ``consts``:
+    CBD solid δ, β; electrolyte δ, β; c-Si δ, β; LixSi at x = 0 δ, β; SEI δ, β; SEI partial-volume weight.
+    (:class:`phantoms.truth.OpticsRules` documents the rules; this evaluates them where the warp samples.)
+    """
+    phase, lith, porosity, partial, lut, lixsi, consts, column = rules
+    ph = phase[z, y, x]
+    if ph == _CBD:
+        p = porosity[z, y, x]
+        value = (1.0 - p) * consts[column] + p * consts[2 + column]
+    elif ph == _SILICON[0] or ph == _SILICON[1] or ph == _SILICON[2]:
+        xv = lith[z, y, x]
+        n = lixsi.shape[0]
+        if xv <= lixsi[0, 0]:
+            tab = lixsi[0, 1 + column]
+        elif xv >= lixsi[n - 1, 0]:
+            tab = lixsi[n - 1, 1 + column]
+        else:
+            lo, hi = 0, n - 1
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if lixsi[mid, 0] <= xv:
+                    lo = mid
+                else:
+                    hi = mid
+            t = (xv - lixsi[lo, 0]) / (lixsi[hi, 0] - lixsi[lo, 0])
+            tab = lixsi[lo, 1 + column] * (1.0 - t) + lixsi[hi, 1 + column] * t
+        value = consts[4 + column] + (tab - consts[6 + column]) if ph == _SI_CRYSTALLINE else tab
+    else:
+        value = lut[ph, column]
+    if partial.shape[0] > 0 and partial[z, y, x]:
+        value = (1.0 - consts[10]) * value + consts[10] * consts[8 + column]
+    return value
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def sample_optics(phase, lith, porosity, partial, lut, lixsi, consts, column, coords, out):
+    """out[i] = trilinear interpolation at coords[:, i] of δ (column 0) or β (1) evaluated per voxel by
+    :func:`_optics_at` (coordinates clamped: mode "nearest"). ``partial``: bool volume, or shape (0, 0, 0)."""
+    nz, ny, nx = phase.shape
+    for i in prange(coords.shape[1]):
+        z0, z1, fz = _cell(coords[0, i], nz)
+        y0, y1, fy = _cell(coords[1, i], ny)
+        x0, x1, fx = _cell(coords[2, i], nx)
+        r = (phase, lith, porosity, partial, lut, lixsi, consts, column)
+        a = (_optics_at(z0, y0, x0, r) * (1 - fx) + _optics_at(z0, y0, x1, r) * fx) * (1 - fy) \
+            + (_optics_at(z0, y1, x0, r) * (1 - fx) + _optics_at(z0, y1, x1, r) * fx) * fy
+        b = (_optics_at(z1, y0, x0, r) * (1 - fx) + _optics_at(z1, y0, x1, r) * fx) * (1 - fy) \
+            + (_optics_at(z1, y1, x0, r) * (1 - fx) + _optics_at(z1, y1, x1, r) * fx) * fy
         out[i] = a * (1 - fz) + b * fz

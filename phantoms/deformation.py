@@ -362,7 +362,8 @@ class Deformation:
         step = max(1, SLAB_VOXELS // (ny * nx))
         return [(z0, min(nz, z0 + step)) for z0 in range(0, nz, step)]
 
-    def warp(self, volumes: dict[str, tuple[np.ndarray, int]], out: dict | None = None) -> dict:
+    def warp(self, volumes: dict[str, tuple[np.ndarray, int]], out: dict | None = None,
+             derived: dict | None = None) -> dict:
         """The volumes as imaged at this scan: v_i(x) = v_0(φ⁻¹(x)).
 
         Parameters
@@ -370,6 +371,10 @@ class Deformation:
         volumes
             name → (reference volume (z, y, x), interpolation order: 0 for labels, 1 for fields; higher
             orders go through ``scipy.ndimage.map_coordinates``).
+        derived
+            name → (sampler, dtype): fields not held as volumes; ``sampler(coords, dest)`` writes the
+            field at reference coordinates (3, n) into ``dest`` (n,) (the truth's δ and β are evaluated
+            from phase, x and CBD porosity where they are sampled).
         out
             name → where to write the warped volume (anything that takes ``out[name][z0:z1] = slab``:
             an h5py / h5netcdf variable streams it to disk); default new arrays of the volumes' dtypes.
@@ -380,7 +385,10 @@ class Deformation:
         :meth:`inverse`), then nearest or trilinear sampling with ``mode="nearest"``
         (material from outside the field of view repeats the border).
         """
-        out = {name: np.empty(self.shape, v.dtype) for name, (v, _) in volumes.items()} if out is None else out
+        derived = derived or {}
+        if out is None:
+            out = {name: np.empty(self.shape, v.dtype) for name, (v, _) in volumes.items()}
+            out.update({name: np.empty(self.shape, dtype) for name, (_, dtype) in derived.items()})
         kern, outer = self._kern(), self._outer_params(True)
         nz, ny, nx = self.shape
         # φ⁻¹ on every 2nd voxel first: interpolated, it starts each voxel's Newton iterations ~1e-3 voxel away
@@ -399,6 +407,12 @@ class Deformation:
                     compiled.sample_linear(v, coords, dest.reshape(-1))
                 else:
                     dest[...] = ndimage.map_coordinates(v, X, order=order, mode="nearest")
+                if not isinstance(target, np.ndarray):
+                    target[z0:z1] = dest
+            for name, (sampler, dtype) in derived.items():
+                target = out[name]
+                dest = target[z0:z1] if isinstance(target, np.ndarray) else np.empty(X.shape[1:], dtype)
+                sampler(coords, dest.reshape(-1))
                 if not isinstance(target, np.ndarray):
                     target[z0:z1] = dest
         return out

@@ -11,6 +11,7 @@ Stages (wired by :mod:`twin.stages`):
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pandas as pd
 import xarray as xr
 from scipy import ndimage
 
+from phantoms import _kernels as compiled
 from phantoms import optics
 from phantoms.deformation import Deformation, FoldingError
 from phantoms.lithiation import lithiate
@@ -125,7 +127,7 @@ def _bilinear(gd, gr, v, d, r):
 # --- the state of one scan in the reference configuration ---------------------------------
 def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndarray, max_fractions: np.ndarray,
                *, bubble: bool = False) -> dict:
-    """Reference-configuration volumes of one scan: phase, lithiation x, δ, β, and per-particle volume ratio.
+    """Reference-configuration state of one scan: phase, lithiation x, the rules for δ and β, per-particle volume ratio.
 
     Parameters
     ----------
@@ -142,8 +144,8 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
 
     Returns
     -------
-    dict with ``phase`` (uint8), ``lithiation`` (float32 x), ``delta``, ``beta`` (float32),
-    ``volume_ratio`` (J per particle, rows of ``ms.particles``), ``measured_fraction`` (mean x / 3.75
+    dict with ``phase`` (uint8), ``lithiation`` (float32 x), ``optics`` (:class:`OpticsRules`: δ, β of
+    every voxel from these, evaluated where sampled; ``.volume(0)`` gives δ as a volume), ``volume_ratio`` (J per particle, rows of ``ms.particles``), ``measured_fraction`` (mean x / 3.75
     per particle), ``bubble`` (centre, seed radius in voxels) or None.
     """
     a = ms.voxel_size_um
@@ -196,10 +198,6 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
         phase[inside & ~si] = Phase.GAS
         bubble_info = (centre, max(r0, 0.5))
 
-    delta = lut_d[phase]
-    beta = lut_b[phase]
-    el_d, el_b = oc.phase_delta[Phase.ELECTROLYTE], oc.phase_beta[Phase.ELECTROLYTE]
-    d0, b0 = oc.lixsi(np.zeros(1))
     expansion = sample.lithiated_volume_expansion
     n_ids = int(ms.particle.max()) + 1
     counts, J_sum, x_sum = np.zeros(n_ids), np.zeros(n_ids), np.zeros(n_ids)
@@ -209,17 +207,9 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     step = max(1, (1 << 21) // plane)
     for z0 in range(0, phase.shape[0], step):
         zs = slice(z0, z0 + step)
-        ph, d_s, b_s = phase[zs], delta[zs], beta[zs]
-        cbd = ph == Phase.CBD
-        p = ms.cbd_porosity[zs][cbd]
-        d_s[cbd] = (1 - p) * oc.cbd_solid_delta + p * el_d
-        b_s[cbd] = (1 - p) * oc.cbd_solid_beta + p * el_b
         si_s = si[zs]
         sx = x[zs][si_s]
-        dl, bl = oc.lixsi(sx)
-        crystalline = ph[si_s] == Phase.SI_CRYSTALLINE
-        d_s[si_s] = np.where(crystalline, oc.phase_delta[Phase.SI_CRYSTALLINE] + (dl - d0[0]), dl)
-        b_s[si_s] = np.where(crystalline, oc.phase_beta[Phase.SI_CRYSTALLINE] + (bl - b0[0]), bl)
+        crystalline = phase[zs][si_s] == Phase.SI_CRYSTALLINE
         # volume ratio J = Ω(x)/Ω_c per voxel (crystalline ones swell by the same increment from 1)
         omega = optics.lixsi_volume_ratio(sx, expansion=expansion)
         J_vox = np.where(crystalline, 1.0 + omega - optics.lixsi_volume_ratio(0.0, expansion=expansion), omega)
@@ -230,15 +220,55 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
         per_plane = si_s.sum(axis=(1, 2))
         swelling[zs] = np.bincount(np.repeat(np.arange(per_plane.size), per_plane), weights=J_vox - 1.0,
                                    minlength=per_plane.size) / plane
-    if sei_partial is not None:
-        w = np.float32(sample.sei_thickness_um / a)
-        delta[sei_partial] = (1 - w) * delta[sei_partial] + w * oc.phase_delta[Phase.SEI]
-        beta[sei_partial] = (1 - w) * beta[sei_partial] + w * oc.phase_beta[Phase.SEI]
     J = J_sum[ids] / np.maximum(counts[ids], 1)
     measured = x_sum[ids] / np.maximum(counts[ids], 1)
+    # δ and β are not held: OpticsRules evaluates them from phase, x and CBD porosity where the warp samples
+    lixsi_at_0 = [float(np.interp(0.0, oc.lixsi_x, table)) for table in (oc.lixsi_delta, oc.lixsi_beta)]
+    rules = OpticsRules(
+        lut=np.column_stack([lut_d, lut_b]).astype(float),
+        lixsi=np.column_stack([oc.lixsi_x, oc.lixsi_delta, oc.lixsi_beta]).astype(float),
+        consts=np.array([oc.cbd_solid_delta, oc.cbd_solid_beta, oc.phase_delta[Phase.ELECTROLYTE],
+                         oc.phase_beta[Phase.ELECTROLYTE], oc.phase_delta[Phase.SI_CRYSTALLINE],
+                         oc.phase_beta[Phase.SI_CRYSTALLINE], *lixsi_at_0, oc.phase_delta[Phase.SEI],
+                         oc.phase_beta[Phase.SEI], sample.sei_thickness_um / a if sei_partial is not None else 0.0]),
+        phase=phase, lithiation=x, porosity=ms.cbd_porosity,
+        partial=sei_partial if sei_partial is not None else np.zeros((0, 0, 0), bool))
     # swelling_density: slab mean of (J − 1) over Si at each z, the electrode's swelling per unit volume along z
-    return {"phase": phase, "lithiation": x, "delta": delta, "beta": beta, "volume_ratio": J, "measured_fraction": measured,
+    return {"phase": phase, "lithiation": x, "optics": rules, "volume_ratio": J, "measured_fraction": measured,
             "bubble": bubble_info, "swelling_density": swelling}
+
+
+@dataclass
+class OpticsRules:
+    """δ and β of a scan's reference voxels, as rules rather than volumes (8 bytes per voxel not held).
+
+    A voxel's value: CBD (1 − p) δ_solid + p δ_electrolyte (p its porosity); c-Si δ_c + δ_LixSi(x) −
+    δ_LixSi(0); amorphous and lithiated Si δ_LixSi(x) (the 151-point table, linear in x); any other
+    phase its constant; then, where an SEI thinner than half a voxel lines a lithiated particle,
+    (1 − w) δ + w δ_SEI with w its thickness in voxels. The same for β.
+    """
+
+    lut: np.ndarray
+    lixsi: np.ndarray
+    consts: np.ndarray
+    phase: np.ndarray
+    lithiation: np.ndarray
+    porosity: np.ndarray
+    partial: np.ndarray
+
+    def sampler(self, column: int):
+        """``sampler(coords, dest)`` for :meth:`Deformation.warp`: trilinear δ (column 0) or β (1) at coords."""
+        def sample(coords, dest):
+            compiled.sample_optics(self.phase, self.lithiation, self.porosity, self.partial, self.lut, self.lixsi,
+                                   self.consts, column, coords, dest)
+        return sample
+
+    def volume(self, column: int) -> np.ndarray:
+        """The whole reference volume of δ (0) or β (1), float32 (for tests and pictures; the truth never holds it)."""
+        coords = np.indices(self.phase.shape, dtype=np.float64).reshape(3, -1)
+        out = np.empty(coords.shape[1], np.float32)
+        self.sampler(column)(coords, out)
+        return out.reshape(self.phase.shape)
 
 
 def _within_distance(mask: np.ndarray, distance_vox: float) -> np.ndarray:
@@ -426,8 +456,9 @@ def _scan_truth(ms: Microstructure, sample, energy_kev, fractions, max_fractions
     if swelling_scale < 1.0:
         warnings.warn(f"truth {scan}: particle swelling kernels folded the map; their amplitudes were scaled by "
                       f"{swelling_scale:.3g}", TwinWarning, stacklevel=3)
-    deformation.warp({"phase": (state["phase"], 0), "particle": (ms.particle, 0), "lithiation": (state["lithiation"], 1),
-                      "delta": (state["delta"], 1), "beta": (state["beta"], 1)}, out=out)
+    rules = state["optics"]
+    deformation.warp({"phase": (state["phase"], 0), "particle": (ms.particle, 0), "lithiation": (state["lithiation"], 1)},
+                     out=out, derived={"delta": (rules.sampler(0), np.float32), "beta": (rules.sampler(1), np.float32)})
     a = ms.voxel_size_um
     attrs = {"voxel_size_um": a, "energy_kev": energy_kev, "mechanism": sample.mechanism, "seed": int(seed),
              "scan": scan, "local_swelling_scale": swelling_scale, "z_cu_voxel": ms.z_cu, "z_top_voxel": ms.z_top}

@@ -186,3 +186,44 @@ def test_streamed_truth_file_is_the_in_memory_dataset_written(tmp_path):
     with pytest.raises(FoldingError):
         write_truth(ms, bad, 29.6, f, f, scan="T1", scan_index=1, seed=3, path=tmp_path / "folded.nc")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.nc", "phantom.nc"]
+
+
+def test_optics_rules_give_the_delta_beta_volumes_and_their_warp():
+    """δ, β evaluated where sampled equal the volumes built by the documented rules (NumPy here), and warping
+    them as derived fields equals warping those volumes trilinearly."""
+    from phantoms import optics
+    from phantoms.deformation import Deformation
+    from phantoms.truth import OpticsRules
+
+    rng = np.random.default_rng(4)
+    shape = (12, 10, 14)
+    phase = rng.integers(0, len(Phase), shape).astype(np.uint8)
+    x = np.where(np.isin(phase, [Phase.SI_LITHIATED, Phase.SI_AMORPHOUS, Phase.SI_CRYSTALLINE]),
+                 rng.uniform(0, 3.75, shape), 0).astype(np.float32)
+    porosity = rng.uniform(0.1, 0.9, shape).astype(np.float32)
+    partial = rng.random(shape) < 0.2
+    oc = optics.optical_constants(29.6)
+    w = 0.3
+    lut = np.array([[oc.phase_delta.get(Phase(p), 0.0), oc.phase_beta.get(Phase(p), 0.0)] for p in range(len(Phase))])
+    lix0 = [np.interp(0.0, oc.lixsi_x, t) for t in (oc.lixsi_delta, oc.lixsi_beta)]
+    rules = OpticsRules(lut, np.column_stack([oc.lixsi_x, oc.lixsi_delta, oc.lixsi_beta]),
+                        np.array([oc.cbd_solid_delta, oc.cbd_solid_beta, oc.phase_delta[Phase.ELECTROLYTE],
+                                  oc.phase_beta[Phase.ELECTROLYTE], oc.phase_delta[Phase.SI_CRYSTALLINE],
+                                  oc.phase_beta[Phase.SI_CRYSTALLINE], *lix0, oc.phase_delta[Phase.SEI],
+                                  oc.phase_beta[Phase.SEI], w]), phase, x, porosity, partial)
+    deformation = Deformation(shape, 0.2, homogeneous_F=[[1.05, 0.02, 0], [0, 0.97, 0.01], [0.01, 0, 1.02]])
+    for col, (per_phase, table, solid, el, c_si, sei) in enumerate((
+            (oc.phase_delta, oc.lixsi_delta, oc.cbd_solid_delta, oc.phase_delta[Phase.ELECTROLYTE],
+             oc.phase_delta[Phase.SI_CRYSTALLINE], oc.phase_delta[Phase.SEI]),
+            (oc.phase_beta, oc.lixsi_beta, oc.cbd_solid_beta, oc.phase_beta[Phase.ELECTROLYTE],
+             oc.phase_beta[Phase.SI_CRYSTALLINE], oc.phase_beta[Phase.SEI]))):
+        ref = np.vectorize(lambda p: per_phase.get(Phase(p), 0.0))(phase).astype(float)
+        ref[phase == Phase.CBD] = ((1 - porosity) * solid + porosity * el)[phase == Phase.CBD]
+        lix = np.interp(x, oc.lixsi_x, table)
+        amorphous = (phase == Phase.SI_LITHIATED) | (phase == Phase.SI_AMORPHOUS)
+        ref[amorphous] = lix[amorphous]
+        ref[phase == Phase.SI_CRYSTALLINE] = (c_si + lix - lix0[col])[phase == Phase.SI_CRYSTALLINE]
+        ref[partial] = (1 - w) * ref[partial] + w * sei
+        np.testing.assert_allclose(rules.volume(col), ref, rtol=1e-6)
+        warped = deformation.warp({}, derived={"v": (rules.sampler(col), np.float64)})["v"]
+        np.testing.assert_allclose(warped, deformation.warp({"v": (ref, 1)})["v"], rtol=1e-6)  # ref: float32 products
