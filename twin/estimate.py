@@ -82,10 +82,10 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
     padded = 4 * det_px  # 2× padding in each direction
 
     mem = {
-        # held at the warp (benchmarks/bench_phantoms.py measures 16.5 float32 volumes at 256³): the microstructure
-        # (phase u1, particle i4, CBD porosity and two distance keys f4), the scan's reference state (phase u1,
-        # lithiation, δ, β f4), the displacement 3×f4, the warped phase, particle, lithiation, δ, β, the coarse inverse
-        "truth": n_vox * (17 + 13 + 12 + 17 + 2),
+        # the stage streams phantom.nc and evaluates δ, β where sampled (benchmarks/bench_phantoms.py: 5.96 float32
+        # volumes at 256³): the microstructure (phase u1, particle i4, CBD porosity and the mechanism's key f4),
+        # the scan's phase u1 and x f4, the coarse inverse, slabs
+        "truth": n_vox * 24,
         # δ, β volumes + a chunk of projections, each propagated on a padded complex64 grid
         "holograms": n_vox * 8 + angle_chunk * n_dist * (padded * 8 + det_px * 4),
         # flats/darks + phase-retrieved slab + output volume (f4) + a slab of sinograms
