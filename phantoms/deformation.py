@@ -31,8 +31,11 @@ displacement u(X) = φ(X) − X in Φ[:3, 3]; a point X + dX maps to
 X + u(X) + F dX to first order (spam.DIC applies Φ about the node centre).
 Strain measures follow ``spam.deformation.decomposeF`` (tested against it).
 
-The kernel sums run in :mod:`phantoms._kernels` (numba, which spam already
-requires); ``backend="numpy"`` selects the NumPy reference, equal to 1e-12.
+The kernel sums at arbitrary points and the grid passes (the displacement with
+det F, the warp's inverse and its sampling) run in :mod:`phantoms._kernels`
+(numba, which spam already requires); ``backend="numpy"`` selects the NumPy
+reference of the kernel sums, equal to 1e-12, against which the grid passes
+are tested.
 """
 
 from __future__ import annotations
