@@ -205,11 +205,10 @@ def displacement_slab(z0, out, kern, outer, check):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _trilinear(v, z, y, x, fz, fy, fx):
-    """v at (z + fz, y + fy, x + fx) by trilinear interpolation (0 ≤ f < 1, neighbours z + 1, … inside v)."""
-    a = (v[z, y, x] * (1 - fx) + v[z, y, x + 1] * fx) * (1 - fy) + (v[z, y + 1, x] * (1 - fx) + v[z, y + 1, x + 1] * fx) * fy
-    b = (v[z + 1, y, x] * (1 - fx) + v[z + 1, y, x + 1] * fx) * (1 - fy) \
-        + (v[z + 1, y + 1, x] * (1 - fx) + v[z + 1, y + 1, x + 1] * fx) * fy
+def _trilinear(v, z0, z1, y0, y1, x0, x1, fz, fy, fx):
+    """v interpolated trilinearly between the corner indices (z0 | z1, …) with weights fz, fy, fx ∈ [0, 1]."""
+    a = (v[z0, y0, x0] * (1 - fx) + v[z0, y0, x1] * fx) * (1 - fy) + (v[z0, y1, x0] * (1 - fx) + v[z0, y1, x1] * fx) * fy
+    b = (v[z1, y0, x0] * (1 - fx) + v[z1, y0, x1] * fx) * (1 - fy) + (v[z1, y1, x0] * (1 - fx) + v[z1, y1, x1] * fx) * fy
     return a * (1 - fz) + b * fz
 
 
@@ -248,9 +247,9 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
             if guess.shape[1] > 0:
                 cz, cy, cx = gz // 2, gy // 2, gx // 2
                 fz, fy, fx = 0.5 * (gz % 2), 0.5 * (gy % 2), 0.5 * (gx % 2)
-                P0 = _trilinear(guess[0], cz, cy, cx, fz, fy, fx)
-                P1 = _trilinear(guess[1], cz, cy, cx, fz, fy, fx)
-                P2 = _trilinear(guess[2], cz, cy, cx, fz, fy, fx)
+                P0 = _trilinear(guess[0], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
+                P1 = _trilinear(guess[1], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
+                P2 = _trilinear(guess[2], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
             else:  # L⁻¹ by Newton from X = Y − u_L(Y)
                 t = _local(Y0, Y1, Y2, kern, rigid_z, ramp, False)
                 P0, P1, P2 = Y0 - t[0], Y1 - t[1], Y2 - t[2]
@@ -315,11 +314,7 @@ def sample_linear(volume, coords, out):
         z0, z1, fz = _cell(coords[0, i], nz)
         y0, y1, fy = _cell(coords[1, i], ny)
         x0, x1, fx = _cell(coords[2, i], nx)
-        a = (volume[z0, y0, x0] * (1 - fx) + volume[z0, y0, x1] * fx) * (1 - fy) \
-            + (volume[z0, y1, x0] * (1 - fx) + volume[z0, y1, x1] * fx) * fy
-        b = (volume[z1, y0, x0] * (1 - fx) + volume[z1, y0, x1] * fx) * (1 - fy) \
-            + (volume[z1, y1, x0] * (1 - fx) + volume[z1, y1, x1] * fx) * fy
-        out[i] = a * (1 - fz) + b * fz
+        out[i] = _trilinear(volume, z0, z1, y0, y1, x0, x1, fz, fy, fx)
 
 
 _CBD, _SI_CRYSTALLINE = int(Phase.CBD), int(Phase.SI_CRYSTALLINE)

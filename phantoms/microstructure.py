@@ -23,7 +23,7 @@ multiplied by smooth noise; k is the quantile that gives the target fraction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -101,8 +101,8 @@ class Microstructure:
         core–shell key; None when the sample's mechanism is pathway (one key held, not two).
     band_distance
         float32 distance of each Si voxel to its particle's nearest lithiation band plane, voxels: the
-        pathway key; None for core–shell. The band planes (``bands``) are drawn either way, so both
-        mechanisms get the same electrode from the same seed.
+        pathway key; None for core–shell. The band planes are drawn either way, so both mechanisms get
+        the same electrode from the same seed.
     particles
         One row per particle: id, centre (voxels and µm), volume, equivalent diameter, depth
         below the electrode top, cracked, fragment.
@@ -122,7 +122,6 @@ class Microstructure:
     z_cu: int
     z_top: int
     recipe: Recipe
-    bands: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def distance_to_background(mask: np.ndarray) -> np.ndarray:
@@ -399,7 +398,7 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
     # (7) lithiation band planes per particle, and each Si voxel's distance to its particle's nearest one
     n_labels = int(particle.max())
     counts, com = _voxelize.label_centres(particle, n_labels)
-    rows, bands = [], {}
+    rows = []
     fragment_set = set(fragment_ids)
     plane_rows, plane_starts = [], [0] * (n_labels + 2)
     for pid in range(1, n_labels + 1):
@@ -419,7 +418,6 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
             planes += [(nrm, c + o * nrm) for o in offsets]
         normals = np.array([p[0] for p in planes])
         points = np.array([p[1] for p in planes])
-        bands[pid] = np.column_stack([normals, points])
         plane_rows.append(np.column_stack([normals, np.einsum("bk,bk->b", points, normals)]))
         plane_starts[pid + 1] += len(planes)
         depth_um = (z_top - 0.5 - c[0]) * a
@@ -435,7 +433,7 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         cracked_ids = {pid for pid, cr in zip(ids, cracked) if cr}
         table["cracked"] = table["id"].isin(cracked_ids)
     del texture
-    return Microstructure(phase, particle, cbd_porosity, surface, band, table, a, z_cu, z_top, recipe, bands)
+    return Microstructure(phase, particle, cbd_porosity, surface, band, table, a, z_cu, z_top, recipe)
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:

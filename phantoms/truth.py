@@ -165,8 +165,6 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     oc = optics.optical_constants(energy_kev, binder=sample.binder_mass_fraction,
                                   carbon_black=sample.carbon_black_mass_fraction, swcnt=sample.swcnt_mass_fraction,
                                   cbd_nanoporosity=sample.cbd_nanoporosity, expansion=sample.lithiated_volume_expansion)
-    lut_d = np.array([oc.phase_delta.get(Phase(p), 0.0) for p in range(len(Phase))], np.float32)
-    lut_b = np.array([oc.phase_beta.get(Phase(p), 0.0) for p in range(len(Phase))], np.float32)
 
     # SEI around particles that have been lithiated at least once (Fig S14)
     lith_ids = ids[max_fractions > 0]
@@ -223,16 +221,9 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     J = J_sum[ids] / np.maximum(counts[ids], 1)
     measured = x_sum[ids] / np.maximum(counts[ids], 1)
     # δ and β are not held: OpticsRules evaluates them from phase, x and CBD porosity where the warp samples
-    lixsi_at_0 = [float(np.interp(0.0, oc.lixsi_x, table)) for table in (oc.lixsi_delta, oc.lixsi_beta)]
-    rules = OpticsRules(
-        lut=np.column_stack([lut_d, lut_b]).astype(float),
-        lixsi=np.column_stack([oc.lixsi_x, oc.lixsi_delta, oc.lixsi_beta]).astype(float),
-        consts=np.array([oc.cbd_solid_delta, oc.cbd_solid_beta, oc.phase_delta[Phase.ELECTROLYTE],
-                         oc.phase_beta[Phase.ELECTROLYTE], oc.phase_delta[Phase.SI_CRYSTALLINE],
-                         oc.phase_beta[Phase.SI_CRYSTALLINE], *lixsi_at_0, oc.phase_delta[Phase.SEI],
-                         oc.phase_beta[Phase.SEI], sample.sei_thickness_um / a if sei_partial is not None else 0.0]),
-        phase=phase, lithiation=x, porosity=ms.cbd_porosity,
-        partial=sei_partial if sei_partial is not None else np.zeros((0, 0, 0), bool))
+    # δ and β are not held: the rules evaluate them from phase, x and CBD porosity where the warp samples
+    rules = OpticsRules.of(oc, phase, x, ms.cbd_porosity, sei_partial,
+                           sample.sei_thickness_um / a if sei_partial is not None else 0.0)
     # swelling_density: slab mean of (J − 1) over Si at each z, the electrode's swelling per unit volume along z
     return {"phase": phase, "lithiation": x, "optics": rules, "volume_ratio": J, "measured_fraction": measured,
             "bubble": bubble_info, "swelling_density": swelling}
@@ -255,6 +246,21 @@ class OpticsRules:
     lithiation: np.ndarray
     porosity: np.ndarray
     partial: np.ndarray
+
+    @classmethod
+    def of(cls, oc: optics.OpticalConstants, phase, lithiation, porosity, sei_partial=None, sei_weight: float = 0.0):
+        """The rules of optical constants ``oc`` over these volumes (``sei_partial``: bool volume or None;
+        ``sei_weight``: the thin SEI's thickness in voxels). The layout of ``consts`` is
+        :func:`phantoms._kernels._optics_at`'s."""
+        lut = np.array([[oc.phase_delta.get(Phase(p), 0.0), oc.phase_beta.get(Phase(p), 0.0)] for p in range(len(Phase))])
+        at_0 = [float(np.interp(0.0, oc.lixsi_x, table)) for table in (oc.lixsi_delta, oc.lixsi_beta)]
+        consts = np.array([oc.cbd_solid_delta, oc.cbd_solid_beta, oc.phase_delta[Phase.ELECTROLYTE],
+                           oc.phase_beta[Phase.ELECTROLYTE], oc.phase_delta[Phase.SI_CRYSTALLINE],
+                           oc.phase_beta[Phase.SI_CRYSTALLINE], *at_0, oc.phase_delta[Phase.SEI], oc.phase_beta[Phase.SEI],
+                           sei_weight])
+        partial = sei_partial if sei_partial is not None else np.zeros((0, 0, 0), bool)
+        return cls(lut, np.column_stack([oc.lixsi_x, oc.lixsi_delta, oc.lixsi_beta]).astype(float), consts, phase,
+                   lithiation, porosity, partial)
 
     def sampler(self, column: int):
         """``sampler(coords, dest)`` for :meth:`Deformation.warp`: trilinear δ (column 0) or β (1) at coords."""

@@ -204,13 +204,8 @@ def test_optics_rules_give_the_delta_beta_volumes_and_their_warp():
     partial = rng.random(shape) < 0.2
     oc = optics.optical_constants(29.6)
     w = 0.3
-    lut = np.array([[oc.phase_delta.get(Phase(p), 0.0), oc.phase_beta.get(Phase(p), 0.0)] for p in range(len(Phase))])
     lix0 = [np.interp(0.0, oc.lixsi_x, t) for t in (oc.lixsi_delta, oc.lixsi_beta)]
-    rules = OpticsRules(lut, np.column_stack([oc.lixsi_x, oc.lixsi_delta, oc.lixsi_beta]),
-                        np.array([oc.cbd_solid_delta, oc.cbd_solid_beta, oc.phase_delta[Phase.ELECTROLYTE],
-                                  oc.phase_beta[Phase.ELECTROLYTE], oc.phase_delta[Phase.SI_CRYSTALLINE],
-                                  oc.phase_beta[Phase.SI_CRYSTALLINE], *lix0, oc.phase_delta[Phase.SEI],
-                                  oc.phase_beta[Phase.SEI], w]), phase, x, porosity, partial)
+    rules = OpticsRules.of(oc, phase, x, porosity, partial, w)
     deformation = Deformation(shape, 0.2, homogeneous_F=[[1.05, 0.02, 0], [0, 0.97, 0.01], [0.01, 0, 1.02]])
     for col, (per_phase, table, solid, el, c_si, sei) in enumerate((
             (oc.phase_delta, oc.lixsi_delta, oc.cbd_solid_delta, oc.phase_delta[Phase.ELECTROLYTE],
