@@ -28,7 +28,7 @@ import xarray as xr
 
 from pipeline.segmentation import si_from_labels
 from twin.errors import InputFileError, StageError
-from twin.io import atomic_path
+from twin.io import atomic_path, write_netcdf
 
 
 #: Default of ``validation.particle_watershed_level``, voxels (tiny's tracking error: 0.98 µm at 0.5, 1.78 µm at
@@ -54,34 +54,30 @@ def split_particles(si_mask: np.ndarray, *, watershed_level: float = WATERSHED_L
         return np.asarray(spam.label.watershed(si_mask, watershedLevel=watershed_level), np.int32)
 
 
-def particles(si_mask: np.ndarray, *, min_voxels: int = 27,
-              watershed_level: float = WATERSHED_LEVEL_VOX) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Particles of at least ``min_voxels``: (labels image, label ids, centres (N, 3) voxels)."""
-    labels = split_particles(si_mask, watershed_level=watershed_level)
+def particles(labels: np.ndarray, *, min_voxels: int = 27) -> tuple[np.ndarray, np.ndarray]:
+    """Label ids of the particles of at least ``min_voxels`` in a label image, and their centres (N, 3) voxels."""
     n = int(labels.max())
     if n == 0:
-        return labels, np.zeros(0, int), np.zeros((0, 3))
-    sizes = ndi.sum_labels(np.ones_like(labels), labels, np.arange(1, n + 1))
+        return np.zeros(0, int), np.zeros((0, 3))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     ids = np.arange(1, n + 1)[sizes >= min_voxels]
-    centres = np.array(ndi.center_of_mass(si_mask, labels, ids), dtype=float).reshape(-1, 3)
-    return labels, ids, centres
+    centres = np.array(ndi.center_of_mass(labels > 0, labels, ids), dtype=float).reshape(-1, 3)
+    return ids, centres
 
 
-def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int = 27,
-          watershed_level: float = WATERSHED_LEVEL_VOX, first: tuple | None = None) -> list[dict]:
+def track(particle_labels: dict[str, np.ndarray], displacement_at, *, min_voxels: int = 27) -> list[dict]:
     """Trajectories of the T0 particles.
 
     Parameters
     ----------
-    si_masks
-        Scan name → boolean Si mask (z, y, x), ``"T0"`` first.
+    particle_labels
+        Scan name → particle label image (z, y, x; 0 = background) from
+        :func:`split_particles`, ``"T0"`` first.
     displacement_at
         ``displacement_at(scan, points (N, 3) voxels) -> (N, 3)`` cumulative DIC
         displacement T0 → scan in voxels (NaN where unknown).
-    min_voxels, watershed_level
-        See :func:`particles`.
-    first
-        :func:`particles` of the first scan, when the caller already has them.
+    min_voxels
+        Smaller T0 particles are not tracked (see :func:`particles`).
 
     Returns
     -------
@@ -89,9 +85,9 @@ def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int =
         One row per particle and scan: ``particle``, ``scan``, ``z0_px`` … (T0
         centre), ``z_px`` … (centre in the scan), ``dz_px`` (NaN if lost).
     """
-    scans = list(si_masks)
-    labels0, ids, centres0 = first or particles(si_masks[scans[0]], min_voxels=min_voxels,
-                                                watershed_level=watershed_level)
+    scans = list(particle_labels)
+    labels0 = particle_labels[scans[0]]
+    ids, centres0 = particles(labels0, min_voxels=min_voxels)
     rows = []
     voxels0 = ndi.find_objects(labels0)
     for scan in scans:
@@ -99,7 +95,7 @@ def track(si_masks: dict[str, np.ndarray], displacement_at, *, min_voxels: int =
             for pid, c in zip(ids, centres0):
                 rows.append(_row(pid, scan, c, c))
             continue
-        labels_i = split_particles(si_masks[scan], watershed_level=watershed_level)
+        labels_i = particle_labels[scan]
         n_i = int(labels_i.max())
         centres_i = np.array(ndi.center_of_mass(labels_i > 0, labels_i, np.arange(1, n_i + 1)), float).reshape(-1, 3)
         shifts = displacement_at(scan, centres0) if len(centres0) else np.zeros((0, 3))
@@ -167,30 +163,55 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
                 fh.write(",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n")
 
 
-def _read_labels(path: Path) -> np.ndarray:
+def _read_label_image(path: Path, name: str) -> tuple[xr.DataArray, dict]:
+    """Variable ``name`` of a label file (loaded) and the file's attributes."""
     if not path.is_file():
         raise InputFileError(path, "no such file")
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        if "labels" not in ds:
-            raise InputFileError(path, f"no variable 'labels' (has {sorted(ds.data_vars)})")
-        return si_from_labels(ds["labels"].values)
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            if name not in ds:
+                raise InputFileError(path, f"no variable {name!r} (has {sorted(ds.data_vars)})")
+            return ds[name].load(), dict(ds.attrs)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(path, f"cannot read it ({type(exc).__name__}: {exc})") from None
+
+
+def read_particle_labels(path: Path) -> np.ndarray:
+    """The ``particle_labels`` image (int32) of a ``particle_labels.nc``."""
+    return _read_label_image(path, "particle_labels")[0].values.astype(np.int32)
+
+
+def compute_particle_labels(ctx) -> None:
+    """Stage ``particle_labels`` (per scan): the scan's Si split into particles (:func:`split_particles`).
+
+    Input: ``segmentation[Ti]/labels.nc`` (``labels``; Si = 1, and 2 with three classes). Scenario:
+    ``validation.particle_watershed_level``. Writes ``particle_labels.nc`` (``particle_labels`` int32,
+    0 = not Si; coords and ``voxel_size_um`` of the labels). A stage of its own because it depends on the
+    segmentation alone: tracking and the mechanism score read it, and a DIC sweep reuses it.
+    """
+    level = ctx.scenario.validation.particle_watershed_level
+    labels, attrs = _read_label_image(Path(ctx.input("segmentation", ctx.item)) / "labels.nc", "labels")
+    split = split_particles(si_from_labels(labels.values), watershed_level=level)
+    out = xr.Dataset({"particle_labels": (labels.dims, split)}, coords=labels.coords,
+                     attrs={k: v for k, v in attrs.items() if k == "voxel_size_um"}
+                     | {"scan": ctx.item, "watershed_level_vx": level})
+    write_netcdf(out, Path(ctx.out_dir) / "particle_labels.nc")
 
 
 def compute_tracking(ctx) -> None:
     """Stage ``tracking`` (once): particle trajectories and VOI strain curves.
 
-    Inputs: ``segmentation[Ti]/labels.nc`` (``labels``: 1 = Si) for every scan
-    and ``dic_composition/cumulative.nc``. Scenario: ``sample.voxel_size_um``,
-    ``sample.current_collector_thickness_um``, ``validation.voi_size_um``,
-    ``validation.particle_watershed_level``.
+    Inputs: ``particle_labels[Ti]/particle_labels.nc`` for every scan and
+    ``dic_composition/cumulative.nc``. Scenario: ``sample.voxel_size_um``,
+    ``sample.current_collector_thickness_um``, ``validation.voi_size_um``.
     Writes ``trajectories.csv`` (per particle and scan; ``height_um`` above the
     current collector, ``dz_um``), ``vois.csv`` and ``tracking.json``.
     """
     from pipeline.dic import interpolate_phi
 
-    scans = sorted({item for (stage, item) in ctx.inputs if stage == "segmentation"}, key=lambda s: int(s[1:]))
+    scans = sorted({item for (stage, item) in ctx.inputs if stage == "particle_labels"}, key=lambda s: int(s[1:]))
     if not scans or scans[0] != "T0":
-        raise StageError(f"tracking: needs segmentation[T0] and later scans, got {scans}")
+        raise StageError(f"tracking: needs particle_labels[T0] and later scans, got {scans}")
     with xr.open_dataset(Path(ctx.input("dic_composition")) / "cumulative.nc", engine="h5netcdf") as ds:
         cumulative = ds.load()
     voxel = float(cumulative.attrs["voxel_size_um"])  # the volumes' own voxel size, as the DIC stages read it
@@ -206,10 +227,10 @@ def compute_tracking(ctx) -> None:
         phi[:, :3, 3] = u
         return interpolate_phi(nodes, dims, phi, points)[:, :3, 3]
 
-    masks = {scan: _read_labels(Path(ctx.input("segmentation", scan)) / "labels.nc") for scan in scans}
-    level = ctx.scenario.validation.particle_watershed_level
-    labels0, ids, centres = first = particles(masks["T0"], watershed_level=level)
-    rows = track(masks, displacement_at, watershed_level=level, first=first)
+    labels = {scan: read_particle_labels(Path(ctx.input("particle_labels", scan)) / "particle_labels.nc") for scan in scans}
+    rows = track(labels, displacement_at)
+    labels0 = labels["T0"]
+    ids, centres = particles(labels0)
     cc_um = ctx.scenario.sample.current_collector_thickness_um
     for r in rows:
         r["height_um"] = r["z0_px"] * voxel - cc_um

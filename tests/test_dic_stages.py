@@ -70,7 +70,7 @@ def scenario():
 @pytest.fixture(scope="module")
 def run_dirs(series, scenario):
     from pipeline.dic import compute_dic, compute_dic_composition
-    from pipeline.tracking import compute_tracking
+    from pipeline.tracking import compute_particle_labels, compute_tracking
 
     root, inputs = series
     inputs = dict(inputs)
@@ -86,9 +86,15 @@ def run_dirs(series, scenario):
     declared = {**recon, **{k: v for k, v in inputs.items() if k[0] == "dic"}}
     compute_dic_composition(StageContext("dic_composition", None, scenario, comp, declared, 1, "key"))
     inputs[("dic_composition", None)] = comp
+    for k in range(N_SCANS):
+        out = root / "particle_labels" / f"T{k}"
+        out.mkdir(parents=True)
+        declared = {("segmentation", f"T{k}"): inputs[("segmentation", f"T{k}")]}
+        compute_particle_labels(StageContext("particle_labels", f"T{k}", scenario, out, declared, 1, "key"))
+        inputs[("particle_labels", f"T{k}")] = out
     track = root / "tracking"
     track.mkdir()
-    declared = {k: v for k, v in inputs.items() if k[0] in ("segmentation", "dic_composition")}
+    declared = {k: v for k, v in inputs.items() if k[0] in ("particle_labels", "dic_composition")}
     compute_tracking(StageContext("tracking", None, scenario, track, declared, 1, "key"))
     return root, inputs
 
@@ -156,7 +162,7 @@ def test_tracking_follows_particles(run_dirs):
 
 def test_tracking_splits_touching_particles_and_follows_each():
     """Three touching spheres (one connected component) moved by a known rigid shift: three tracks, each exact."""
-    from pipeline.tracking import track
+    from pipeline.tracking import split_particles, track
 
     idx = np.indices((40, 48, 48))
     centres = [(20, 24, 12), (20, 24, 24), (20, 24, 36)]  # radius 6.5, 12 apart: each pair touches
@@ -167,13 +173,14 @@ def test_tracking_splits_touching_particles_and_follows_each():
     shift = np.array([3.0, -1.0, 2.0])
     masks = {"T0": spheres((0, 0, 0)), "T1": spheres(shift)}
     assert ndi.label(masks["T0"])[1] == 1
-    rows = track(masks, lambda scan, pts: np.tile(shift, (len(pts), 1)))
+    rows = track({k: split_particles(m) for k, m in masks.items()}, lambda scan, pts: np.tile(shift, (len(pts), 1)))
     t1 = [r for r in rows if r["scan"] == "T1"]
     assert len(t1) == 3
     np.testing.assert_allclose(sorted(r["x0_px"] for r in t1), [12, 24, 36], atol=0.5)
     for r in t1:
         np.testing.assert_allclose([r["dz_px"], r["dy_px"], r["dx_px"]], shift, atol=1e-6)
-    assert len([r for r in track(masks, lambda scan, pts: np.tile(shift, (len(pts), 1)), watershed_level=0)
+    components = {k: split_particles(m, watershed_level=0) for k, m in masks.items()}
+    assert len([r for r in track(components, lambda scan, pts: np.tile(shift, (len(pts), 1)))
                 if r["scan"] == "T1"]) == 1  # connected components merge them
     from pipeline.tracking import WATERSHED_LEVEL_VOX
 
@@ -182,12 +189,12 @@ def test_tracking_splits_touching_particles_and_follows_each():
 
 def test_tracking_loses_a_particle_rather_than_matching_a_distant_one():
     """The T0 particle's voxels land inside a much larger Si body whose centre is 10 voxels away: lost, not tracked."""
-    from pipeline.tracking import track
+    from pipeline.tracking import split_particles, track
 
     idx = np.indices((48, 48, 48))
     small = np.linalg.norm(idx - np.array([24, 24, 20])[:, None, None, None], axis=0) <= 6.5
     large = np.linalg.norm(idx - np.array([24, 24, 30])[:, None, None, None], axis=0) <= 14
-    rows = track({"T0": small, "T1": large}, lambda scan, pts: np.zeros((len(pts), 3)))
+    rows = track({"T0": split_particles(small), "T1": split_particles(large)}, lambda scan, pts: np.zeros((len(pts), 3)))
     (t1,) = [r for r in rows if r["scan"] == "T1"]
     assert np.isnan(t1["dz_px"])
 

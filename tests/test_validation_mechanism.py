@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from validation.mechanism import MECHANISMS, particle_features, segmented_particles, synthetic_features, train_classifier
+from pipeline.tracking import split_particles
+from validation.mechanism import MECHANISMS, interior_particles, particle_features, synthetic_features, train_classifier
 
 
 def _sphere(n=31, radius=13.0):
@@ -36,7 +37,8 @@ def test_watershed_splits_touching_spheres_and_drops_border_particles():
     b = np.linalg.norm(idx - np.array([24, 24, 30])[:, None, None, None], axis=0) <= 8
     cut = np.linalg.norm(idx - np.array([24, 3, 24])[:, None, None, None], axis=0) <= 7  # touches the y = 0 face
     assert ndi.label(a | b)[1] == 1
-    lab, ids = segmented_particles(a | b | cut)
+    lab = split_particles(a | b | cut)
+    ids = interior_particles(lab)
     assert len(ids) == 2
     sizes = sorted(int((lab == i).sum()) for i in ids)
     assert sizes[0] == pytest.approx(a.sum(), rel=0.1) and sizes[1] == pytest.approx(b.sum(), rel=0.1)

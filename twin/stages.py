@@ -81,10 +81,16 @@ def twin_stages() -> list[Stage]:
               items=lambda r: scans(r)[1:]),
         Stage("dic_composition", 1, ("dic", "sample.voxel_size_um"), Lazy("pipeline.dic:compute_dic_composition"),
               needs=lambda item, r: _per_scan("dic", r, skip_first=True) + _per_scan("reconstruction", r)),
-        Stage("tracking", 2, (*geometry, "validation.voi_size_um", "validation.particle_watershed_level"), Lazy("pipeline.tracking:compute_tracking"),
-              needs=lambda item, r: _per_scan("segmentation", r) + [("dic_composition", None)]),
-        Stage("validation", 2, ("validation.voi_size_um", "validation.particle_watershed_level", "beamline", "sample.voxel_size_um"), Lazy("validation.metrics:compute_validation"),
-              needs=lambda item, r: [("rehearsal", None), ("dic_composition", None), ("tracking", None)]
+        Stage("particle_labels", 1, ("validation.particle_watershed_level",),
+              Lazy("pipeline.tracking:compute_particle_labels"), needs=lambda item, r: [("segmentation", item)], items=scans),
+        Stage("tracking", 3, (*geometry, "validation.voi_size_um"), Lazy("pipeline.tracking:compute_tracking"),
+              needs=lambda item, r: _per_scan("particle_labels", r) + [("dic_composition", None)]),
+        Stage("image_scores", 1, ("beamline", "sample.voxel_size_um"), Lazy("validation.metrics:compute_image_scores"),
+              needs=lambda item, r: [("rehearsal", None)] + _per_scan("truth", r) + _per_scan("reconstruction", r)
+              + _per_scan("segmentation", r) + _per_scan("particle_labels", r)),
+        # validation also names the image stages' nodes, whose runtimes it reports (runtime_s.<stage>)
+        Stage("validation", 3, ("validation.voi_size_um", "sample.voxel_size_um"), Lazy("validation.metrics:compute_validation"),
+              needs=lambda item, r: [("rehearsal", None), ("image_scores", None), ("dic_composition", None), ("tracking", None)]
               + _per_scan("truth", r) + _per_scan("reconstruction", r) + _per_scan("segmentation", r)
-              + _per_scan("dic", r, skip_first=True)),
+              + _per_scan("particle_labels", r) + _per_scan("dic", r, skip_first=True)),
     ]

@@ -37,11 +37,13 @@ are :mod:`phantoms.lithiation`'s, the classifier scikit-learn's.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import scipy.ndimage as ndi
 
 from pipeline.segmentation import si_from_labels
-from pipeline.tracking import WATERSHED_LEVEL_VOX, split_particles
+from pipeline.tracking import read_particle_labels
 
 MECHANISMS = ("core_shell", "pathway")
 FEATURES = ("radial_correlation", "radial_r2", "dark_share", "dark_depth_ratio")
@@ -180,29 +182,24 @@ def synthetic_features(*, blur_sigma_px, noise, diameters_px, voxel_size_um, rng
     return np.array(X), np.array(y)
 
 
-def segmented_particles(labels: np.ndarray, *, min_diameter_px: float = 6.0,
-                        watershed_level: float = WATERSHED_LEVEL_VOX) -> tuple[np.ndarray, list[int]]:
-    """Particles of a Si segmentation: (label image, ids of those kept).
+def interior_particles(particle_labels: np.ndarray, *, min_diameter_px: float = 6.0) -> list[int]:
+    """Ids of the particles worth classifying in a particle label image (:func:`pipeline.tracking.split_particles`).
 
-    Touching particles form one connected Si component in a dense electrode,
-    so the mask is split as the tracker splits it
-    (:func:`pipeline.tracking.split_particles`). Kept: regions of equivalent
-    diameter ≥ ``min_diameter_px`` (an interior exists) that do not touch the
-    volume's faces (cut particles and the mislabelled Cu foil or separator
-    would be misread).
+    Kept: regions of equivalent diameter ≥ ``min_diameter_px`` (an interior
+    exists) that do not touch the volume's faces (cut particles and the
+    mislabelled Cu foil or separator would be misread).
     """
-    lab = split_particles(labels, watershed_level=watershed_level)
+    lab = particle_labels
     n = int(lab.max())
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    border = np.unique(np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(), lab[:, -1].ravel(),
-                                       lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    border = set(np.unique(np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(), lab[:, -1].ravel(),
+                                           lab[:, :, 0].ravel(), lab[:, :, -1].ravel()])).tolist())
     min_voxels = np.pi / 6 * min_diameter_px**3
-    ids = [i for i in range(1, n + 1) if sizes[i] >= min_voxels and i not in set(border.tolist())]
-    return lab, ids
+    return [i for i in range(1, n + 1) if sizes[i] >= min_voxels and i not in border]
 
 
-def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: float, voxel_size_um: float,
-                    rng: np.random.Generator, particles: tuple[np.ndarray, list[int]] | None = None) -> list[dict]:
+def classify_volume(volume: np.ndarray, labels: np.ndarray, particle_labels: np.ndarray, *, blur_sigma_px: float,
+                    voxel_size_um: float, rng: np.random.Generator) -> list[dict]:
     """Predict the mechanism of every large segmented particle of one reconstructed volume.
 
     Parameters
@@ -211,10 +208,11 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: fl
         Reconstructed grey values (``volume.nc`` ``delta``).
     labels : (z, y, x) bool array
         Segmented Si.
+    particle_labels : (z, y, x) int array
+        ``labels`` split into particles (:func:`pipeline.tracking.split_particles`); those of
+        :func:`interior_particles` are classified.
     blur_sigma_px : float
         Gaussian σ of the reconstruction's measured resolution, voxels.
-    particles : (label image, ids), optional
-        :func:`segmented_particles` of ``labels``, when the caller already has them.
 
     Returns
     -------
@@ -223,7 +221,7 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: fl
     """
     from skimage.restoration import estimate_sigma
 
-    lab, ids = particles or segmented_particles(labels)
+    lab, ids = particle_labels, interior_particles(particle_labels)
     objs = ndi.find_objects(lab)
     # Normalised per particle: pore level 0 (median of the non-Si voxels), c-Si 1 (the particle's 90th percentile),
     # so a bright neighbour (Cu foil) or a slow drift of the grey scale does not shift the dark/bright split.
@@ -256,9 +254,8 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, *, blur_sigma_px: fl
     return rows
 
 
-def mechanism_metrics(volume_nc, labels_nc, truth_nc, particles_csv, *, blur_sigma_px: float,
-                      rng: np.random.Generator, min_fraction: float = 0.05,
-                      watershed_level: float = WATERSHED_LEVEL_VOX) -> dict[str, float]:
+def mechanism_metrics(volume_nc, labels_nc, particle_labels_nc, truth_nc, particles_csv, *, blur_sigma_px: float,
+                      rng: np.random.Generator, min_fraction: float = 0.05) -> dict[str, float]:
     """``lithiation.mechanism_accuracy`` of one charged scan (see module docstring), with the counts behind it."""
     import pandas as pd
     import xarray as xr
@@ -268,9 +265,8 @@ def mechanism_metrics(volume_nc, labels_nc, truth_nc, particles_csv, *, blur_sig
         voxel = float(ds.attrs["voxel_size_um"])
     with xr.open_dataset(labels_nc, engine="h5netcdf") as ds:
         labels = si_from_labels(ds["labels"].values)
-    lab, ids = segmented_particles(labels, watershed_level=watershed_level)
-    rows = classify_volume(volume, labels, blur_sigma_px=blur_sigma_px, voxel_size_um=voxel, rng=rng,
-                           particles=(lab, ids))
+    lab = read_particle_labels(Path(particle_labels_nc))
+    rows = classify_volume(volume, labels, lab, blur_sigma_px=blur_sigma_px, voxel_size_um=voxel, rng=rng)
     # truth: only here, after the classification
     with xr.open_dataset(truth_nc, engine="h5netcdf") as ds:
         true_particle = ds["particle"].values

@@ -5,7 +5,9 @@ renaming one is a breaking change) and ``metrics.nc`` (per-scan metrics as
 variables over a ``scan`` dimension). Scores come from the modules that know
 each product (``validation.segmentation_scores``, ``validation.dic_scores``);
 this module gathers them and adds the reconstruction, schedule,
-electrochemistry and runtime figures.
+electrochemistry and runtime figures. The scores of the images (reconstruction,
+segmentation, resolution, mechanism) are a stage of their own, ``image_scores``,
+so that a sweep over DIC settings computes them once per reconstruction.
 """
 
 from __future__ import annotations
@@ -58,20 +60,27 @@ def _mean_over_scans(metrics: dict[str, float], prefix: str) -> dict[str, float]
     return {f"{prefix}.mean": float(np.mean(values))} if values else {}
 
 
-def compute_validation(ctx: StageContext) -> None:
-    """Stage ``validation`` (once): gather the scores of every product into metrics.json and metrics.nc."""
-    from validation.dic_scores import dic_metrics
+def _scans_of(ctx: StageContext) -> list[str]:
+    return sorted({item for (stage, item) in ctx.inputs if stage == "truth"}, key=lambda s: int(s[1:]))
+
+
+def compute_image_scores(ctx: StageContext) -> None:
+    """Stage ``image_scores`` (once): the scores of the reconstructions and segmentations.
+
+    Everything validation measures that does not depend on the DIC: ``recon.delta_pearson.*``,
+    ``segmentation.*``, the resolution (Fig S8; ``recon.resolution_*``, ``truth.resolution_*`` and
+    ``resolution.png``) and ``lithiation.mechanism_*``. Inputs: ``rehearsal``, and per scan ``truth``,
+    ``reconstruction``, ``segmentation``, ``particle_labels``. Writes ``image_scores.json`` (flat metrics)
+    and ``resolution.png``; ``validation`` gathers them, so a sweep over DIC settings scores the images once.
+    """
+    from validation import figures
+    from validation.mechanism import mechanism_metrics
+    from validation.resolution_scores import FWHM_PER_SIGMA, resolution_metrics
     from validation.segmentation_scores import score_files
 
-    scans = sorted({item for (stage, item) in ctx.inputs if stage == "truth"}, key=lambda s: int(s[1:]))
+    scans = _scans_of(ctx)
     phantoms = {s: ctx.input("truth", s) / "phantom.nc" for s in scans}
     metrics: dict[str, float] = {}
-
-    rehearsal = json.loads((ctx.input("rehearsal") / "rehearsal.json").read_text())
-    metrics["schedule.n_scans"] = float(len(scans))
-    metrics["electrochem.discharge_capacity_mAh"] = float(rehearsal["discharge_capacity_mah"])
-    metrics["electrochem.charge_passed_mAh"] = float(rehearsal["charge_passed_mah"])
-
     for s in scans:
         metrics.update(reconstruction_metrics(phantoms[s], ctx.input("reconstruction", s) / "volume.nc", s))
         metrics.update(score_files(ctx.input("segmentation", s) / "labels.nc", phantoms[s], scan=s))
@@ -81,11 +90,53 @@ def compute_validation(ctx: StageContext) -> None:
     for name in ("dice_lithiated_si", "lithiated_share_error"):  # three-class segmentations only
         metrics.update(_mean_over_scans(metrics, f"segmentation.{name}"))
 
+    out = Path(ctx.out_dir)
+    voxel_um = ctx.scenario.sample.voxel_size_um
+    first = scans[0]
+    resolution, example = resolution_metrics(ctx.scenario, phantoms[first], ctx.input("reconstruction", first) / "volume.nc",
+                                             ctx.input("segmentation", first) / "labels.nc")
+    metrics.update(resolution)
+    figures.resolution_figure(example, resolution, voxel_um, out / "resolution.png")
+
+    charged = most_charged_scan(ctx.input("rehearsal") / "schedule.csv")
+    # the classifier's synthetic particles get the blur the reconstruction was measured to have
+    blur_sigma_px = resolution["recon.resolution_fwhm_nm"] / FWHM_PER_SIGMA / (voxel_um * 1e3)
+    metrics.update(mechanism_metrics(ctx.input("reconstruction", charged) / "volume.nc",
+                                     ctx.input("segmentation", charged) / "labels.nc",
+                                     ctx.input("particle_labels", charged) / "particle_labels.nc", phantoms[charged],
+                                     ctx.input("truth", charged) / "particles.csv", blur_sigma_px=blur_sigma_px, rng=ctx.rng))
+    with atomic_path(out / "image_scores.json") as tmp:
+        tmp.write_text(json.dumps({k: float(v) for k, v in sorted(metrics.items())}, indent=1, allow_nan=True))
+
+
+def compute_validation(ctx: StageContext) -> None:
+    """Stage ``validation`` (once): gather the scores of every product into metrics.json and metrics.nc.
+
+    Takes ``image_scores`` (and its ``resolution.png``) as they are and adds the schedule, electrochemistry,
+    DIC and tracking scores, the runtimes and the DIC figures.
+    """
+    import shutil
+
+    from validation.dic_scores import dic_metrics
+
+    scans = _scans_of(ctx)
+    phantoms = {s: ctx.input("truth", s) / "phantom.nc" for s in scans}
+    metrics: dict[str, float] = {}
+
+    rehearsal = json.loads((ctx.input("rehearsal") / "rehearsal.json").read_text())
+    metrics["schedule.n_scans"] = float(len(scans))
+    metrics["electrochem.discharge_capacity_mAh"] = float(rehearsal["discharge_capacity_mah"])
+    metrics["electrochem.charge_passed_mAh"] = float(rehearsal["charge_passed_mah"])
+
+    image_scores = Path(ctx.input("image_scores"))
+    metrics.update(json.loads((image_scores / "image_scores.json").read_text()))
+    shutil.copy2(image_scores / "resolution.png", Path(ctx.out_dir) / "resolution.png")
+
     dic_dirs = {s: ctx.input("dic", s) for s in scans[1:]}
     metrics.update(dic_metrics(ctx.input("dic_composition"), phantoms, dic_dirs=dic_dirs,
                                tracking_dir=ctx.input("tracking")))
     metrics.update(runtime_metrics(ctx))
-    metrics.update(_resolution_mechanism_figures(ctx, scans, phantoms))
+    _dic_figures(ctx, phantoms)
     write_metrics(metrics, ctx.out_dir)
 
 
@@ -99,30 +150,15 @@ def most_charged_scan(schedule_csv: Path) -> str:
     return str(table.loc[table["charge_mah"].idxmax(), "name"])
 
 
-def _resolution_mechanism_figures(ctx: StageContext, scans: list[str], phantoms: dict[str, Path]) -> dict[str, float]:
-    """Resolution (Fig S8), the mechanism classifier, and the figures report.html embeds (strain, VOIs, trajectories)."""
+def _dic_figures(ctx: StageContext, phantoms: dict[str, Path]) -> None:
+    """The DIC figures report.html embeds: strain of the most charged scan, VOI strain curves, trajectories."""
     import pandas as pd
     import xarray as xr
 
     from validation import figures
-    from validation.mechanism import mechanism_metrics
-    from validation.resolution_scores import FWHM_PER_SIGMA, resolution_metrics
 
     out = Path(ctx.out_dir)
-    voxel_um = ctx.scenario.sample.voxel_size_um
-    first = scans[0]
-    metrics, example = resolution_metrics(ctx.scenario, phantoms[first], ctx.input("reconstruction", first) / "volume.nc",
-                                          ctx.input("segmentation", first) / "labels.nc")
-    figures.resolution_figure(example, metrics, voxel_um, out / "resolution.png")
-
     charged = most_charged_scan(ctx.input("rehearsal") / "schedule.csv")
-    # the classifier's synthetic particles get the blur the reconstruction was measured to have
-    blur_sigma_px = metrics["recon.resolution_fwhm_nm"] / FWHM_PER_SIGMA / (voxel_um * 1e3)
-    metrics.update(mechanism_metrics(ctx.input("reconstruction", charged) / "volume.nc",
-                                     ctx.input("segmentation", charged) / "labels.nc", phantoms[charged],
-                                     ctx.input("truth", charged) / "particles.csv", blur_sigma_px=blur_sigma_px, rng=ctx.rng,
-                                     watershed_level=ctx.scenario.validation.particle_watershed_level))
-
     with xr.open_dataset(Path(ctx.input("dic_composition")) / "cumulative.nc", engine="h5netcdf") as ds:
         cumulative = ds.load()
     # the true strain at the DIC nodes, once per scan, shared by both figures
@@ -135,8 +171,7 @@ def _resolution_mechanism_figures(ctx: StageContext, scans: list[str], phantoms:
         figures.voi_strain_figure(vois, cumulative, true, ctx.scenario.validation.voi_size_um, out / "voi_strain.png")
     trajectories = pd.read_csv(tracking / "trajectories.csv")
     if len(trajectories) and "dz_um" in trajectories:
-        figures.trajectories_figure(trajectories, phantoms, voxel_um, out / "trajectories.png")
-    return metrics
+        figures.trajectories_figure(trajectories, phantoms, ctx.scenario.sample.voxel_size_um, out / "trajectories.png")
 
 
 def write_metrics(metrics: dict[str, float], out_dir: Path) -> None:
