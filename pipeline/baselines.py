@@ -71,6 +71,9 @@ class OtsuSegmenter:
         return self.class_of_band[band]
 
 
+PREDICT_BATCH_PIXELS = 1 << 20
+
+
 class RandomForestSegmenter:
     """ilastik-like pixel classification: multi-scale filter features + random forest.
 
@@ -128,15 +131,21 @@ class RandomForestSegmenter:
         self.classifier = fit_segmenter(labels, feats, clf)
         return self
 
-    def _class_probabilities_of_slice(self, image: np.ndarray) -> np.ndarray:
-        features = self.features(image)
+    def _class_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(n, height, width, n_classes) probabilities of a stack of 2D slices, predicted in one call."""
+        features = np.stack([self.features(im) for im in images])
         proba = self.classifier.predict_proba(features.reshape(-1, features.shape[-1]))
         out = np.zeros((proba.shape[0], self.n_classes), np.float32)  # a class never annotated keeps probability 0
         out[:, np.asarray(self.classifier.classes_) - 1] = proba
-        return out.reshape(*image.shape, self.n_classes)
+        return out.reshape(*images.shape, self.n_classes)
 
     def class_probabilities(self, volume) -> np.ndarray:
-        """Each class's probability, (z, y, x, n_classes) float32, averaged over the slices of each of ``slice_planes``."""
+        """Each class's probability, (z, y, x, n_classes) float32, averaged over the slices of each of ``slice_planes``.
+
+        Slices are classified in batches of about ``PREDICT_BATCH_PIXELS`` pixels (one forest call per batch,
+        the trees spread over the CPUs by scikit-learn's threads: the per-call overhead of a forest dominates
+        on small slices).
+        """
         from pipeline.segmentation import as_plane_stack, from_plane_stack
 
         if self.classifier is None:
@@ -144,9 +153,11 @@ class RandomForestSegmenter:
         planes = self.slice_planes if np.ndim(volume) == 3 else ("yx",)
         volume = _as_volume(volume)
         total = np.zeros((*volume.shape, self.n_classes), np.float32)
+        self.classifier.n_jobs = -1  # prediction only: the fitted forest is the same whatever the thread count
         for plane in planes:
             stack = as_plane_stack(volume, plane)
-            per_slice = np.stack([self._class_probabilities_of_slice(s) for s in stack])
+            step = max(1, PREDICT_BATCH_PIXELS // (stack.shape[1] * stack.shape[2]))
+            per_slice = np.concatenate([self._class_probabilities(stack[i:i + step]) for i in range(0, len(stack), step)])
             total += from_plane_stack(per_slice, plane)
         return total / len(planes)
 
