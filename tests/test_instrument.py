@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twin._fresnel import FresnelPropagator, fresnel_half_plane
-from twin.instrument import Instrument, LineIntegrals, cone_geometry, write_nxtomo
+from twin.instrument import Instrument, LineIntegrals, cone_geometry, write_nxtomo, write_scan
 from twin.scenario import load_scenario
 from twin.warnings import TwinWarning
 
@@ -223,6 +223,75 @@ def test_nxtomo_file_opens_in_nabu_and_nxtomo(small_scan):
             assert np.array_equal(f[f"entry{i:04d}/instrument/detector/data"][()], frames[i]["data"])
 
 
+def _jittered_scan(n_projections: int):
+    sc = load_scenario("tiny", [f"beamline.n_projections={n_projections}", "beamline.n_flats=4", "beamline.n_darks=3",
+                                "beamline.jitter_sigma_px=0.5", "beamline.rotation_axis_offset_px=1.5"])
+    shape = (10, 16, 16)
+    vol = _supersampled_ellipsoid(shape, (4.5, 7.5, 7.5), (3.5, 5.0, 5.0))
+    return Instrument(sc, volume_shape=shape), (4.5e-7 * vol).astype(np.float32), (1e-9 * vol).astype(np.float32)
+
+
+def test_frames_do_not_depend_on_how_many_angles_are_simulated_at_once():
+    """Every distance draws its own noise frame by frame in acquisition order: chunks of 1, 5 or all angles give
+    the same frames bit for bit, and the streamed file holds exactly the frames simulated in memory."""
+    inst, delta, beta = _jittered_scan(12)
+
+    def frames(step):
+        out = [np.empty((inst.frame_layout()["image_key"].size, inst.geometry.n_rows, inst.geometry.n_columns), np.float32)
+               for _ in inst.propagators]
+        for d, first, chunk in inst.frame_chunks(delta, beta, rng=np.random.default_rng(7), angles_per_chunk=step):
+            out[d][first:first + len(chunk)] = chunk
+        return out
+
+    whole = frames(12)
+    for step in (1, 5):
+        for a, b in zip(whole, frames(step)):
+            assert np.array_equal(a, b)
+    assert not np.array_equal(whole[0], whole[1])  # distances differ (their own holograms and noise)
+
+
+def test_written_scan_equals_the_simulation_and_reads_in_nabu(tmp_path):
+    from nabu.resources.dataset_analyzer import analyze_dataset
+
+    inst, delta, beta = _jittered_scan(12)
+    in_memory = inst.simulate(delta, beta, rng=np.random.default_rng(7))
+    path = write_scan(tmp_path / "scan.nx", inst, delta, beta, rng=np.random.default_rng(7))
+    assert [p.name for p in tmp_path.iterdir()] == ["scan.nx"]  # nothing else left behind
+    with h5py.File(path, "r") as f:
+        for i, fr in enumerate(in_memory):
+            assert np.array_equal(f[f"entry{i:04d}/instrument/detector/data"][()], fr["data"])
+            assert np.array_equal(f[f"entry{i:04d}/data/data"][()], fr["data"])  # the NXdata link follows
+            assert np.array_equal(f[f"entry{i:04d}/instrument/detector/image_key_control"][()], fr["image_key"])
+    ds = analyze_dataset(str(path), extra_options={"hdf5_entry": "entry0001"})
+    assert ds.radio_dims == (inst.geometry.n_columns, inst.geometry.n_rows) and ds.n_angles == 12
+
+
+def test_streamed_scan_memory_does_not_grow_with_the_projections(tmp_path, monkeypatch):
+    """With chunks of 8 angles, writing 96 projections holds hardly more than writing 24 (NumPy's traced peak), while
+    holding them in memory grows by the 72 extra frames of every distance."""
+    import tracemalloc
+
+    import twin.instrument as instrument
+
+    def peak(n_projections, stream):
+        inst, delta, beta = _jittered_scan(n_projections)
+        monkeypatch.setattr(instrument, "HOLOGRAM_CHUNK_BYTES", 8 * (2 + 2 * 4) * inst.geometry.n_rows * inst.geometry.n_columns * 4)
+        assert inst.angles_per_chunk() == 8
+        tracemalloc.start()
+        if stream:
+            write_scan(tmp_path / f"s{n_projections}.nx", inst, delta, beta, rng=np.random.default_rng(0))
+        else:
+            inst.simulate(delta, beta, rng=np.random.default_rng(0))
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top
+
+    inst = _jittered_scan(24)[0]
+    extra_frames_bytes = 4 * 72 * inst.geometry.n_rows * inst.geometry.n_columns * 4  # 4 distances, float32
+    assert peak(96, stream=False) - peak(24, stream=False) > 0.9 * extra_frames_bytes
+    assert peak(96, stream=True) - peak(24, stream=True) < 0.1 * extra_frames_bytes
+
+
 def test_rotation_axis_offset_and_jitter_shift_the_projections():
     sc = load_scenario("tiny", ["beamline.n_projections=16", "beamline.rotation_axis_offset_px=2.5", "beamline.jitter_sigma_px=0.7"])
     shape = (8, 24, 24)
@@ -230,7 +299,7 @@ def test_rotation_axis_offset_and_jitter_shift_the_projections():
     inst = Instrument(sc, volume_shape=shape)
     paths = inst.line_integrals(vol * 1e-7, vol * 1e-10)
     before = paths[0].copy()
-    inst._shift_projections(paths, np.random.default_rng(0))
+    inst.shift_projections(paths, inst.projection_shifts(np.random.default_rng(0)))
     cols = np.arange(before.shape[-1])
     centroid = lambda p: (p.sum(axis=1) * cols).sum(axis=-1) / p.sum(axis=(1, 2))  # noqa: E731
     moved = centroid(paths[0] - paths[0].min()) - centroid(before - before.min())

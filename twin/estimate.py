@@ -71,6 +71,8 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
 
     ``calibrated=False`` gives the bare operation-count model (what ``benchmarks/scaling.py`` compares runs with).
     """
+    from twin.instrument import HOLOGRAM_CHUNK_BYTES
+
     nz, ny, nx = sc.volume_shape
     n_vox = nz * ny * nx
     b, seg, dic = sc.beamline, sc.segmentation, sc.dic
@@ -78,7 +80,6 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
     n_dist = len(b.propagation_distances_m)
     n_scans = expected_scans(sc)
     cores = cores or max(1, sc.run.workers)
-    angle_chunk = min(b.n_projections, 64)
     padded = 4 * det_px  # 2× padding in each direction
 
     mem = {
@@ -86,8 +87,9 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
         # volumes at 256³): the microstructure (phase u1, particle i4, CBD porosity and the mechanism's key f4),
         # the scan's phase u1 and x f4, the coarse inverse, slabs
         "truth": n_vox * 24,
-        # δ, β volumes + a chunk of projections, each propagated on a padded complex64 grid
-        "holograms": n_vox * 8 + angle_chunk * n_dist * (padded * 8 + det_px * 4),
+        # δ, β volumes + one chunk of angles' images (streamed to scan.nx: twin.instrument.HOLOGRAM_CHUNK_BYTES)
+        # + the padded complex64 spectrum and wave of the projection being propagated
+        "holograms": n_vox * 8 + min(HOLOGRAM_CHUNK_BYTES, b.n_projections * (2 + 2 * n_dist) * det_px * 4) + padded * 8 * 2,
         # flats/darks + phase-retrieved slab + output volume (f4) + a slab of sinograms
         "reconstruction": n_vox * 4 * 2 + (b.n_flats + b.n_darks) * det_px * 4 + b.n_projections * b.detector_pixels * 64 * 4,
         # volume + labels + batch activations (~4 × base filters channels at full tile resolution)

@@ -27,7 +27,10 @@ Rad. 23, 344 (2016), doi:10.1107/S1600577515019839):
 
 Every distance is written as one NXtomo entry (``entry0000`` ... in distance
 order) of one HDF5 file per scan with ``nxtomo``, readable by nabu and tomwer;
-the simulation parameters go in each entry's ``twin_simulation`` group.
+the simulation parameters go in each entry's ``twin_simulation`` group. Steps
+1–7 run a few angles at a time and the frames go to the file as they are made
+(:func:`write_scan`), so the memory is the δ, β volumes plus one chunk of
+images (``HOLOGRAM_CHUNK_BYTES``), whatever the number of projections.
 
 The sample around the phantom: the phantom is a box cut out of a 1.1 mm
 electrode disk. Ending it in vacuum would put a strong step at its faces,
@@ -47,7 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,8 @@ LSO_DENSITY_G_CM3 = 7.4
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Frame kinds of the NXtomo ``image_key`` (NeXus): 0 projection, 1 flat, 2 dark.
 PROJECTION, FLAT, DARK = 0, 1, 2
+#: Working images of the hologram simulation held at once (see :meth:`Instrument.angles_per_chunk`), bytes.
+HOLOGRAM_CHUNK_BYTES = 1 << 30
 
 
 def wavelength_m(energy_kev: float) -> float:
@@ -217,8 +222,8 @@ class Geometry:
 class Instrument:
     """ID16B holotomography forward model for one scenario.
 
-    Builds the geometry, ASTRA projector and Fresnel kernels once; call
-    :meth:`simulate` for each scan's δ, β volumes.
+    Builds the geometry and Fresnel kernels once; call :func:`write_scan` (streamed to
+    disk) or :meth:`simulate` (in memory) for each scan's δ, β volumes.
 
     Parameters
     ----------
@@ -285,14 +290,16 @@ class Instrument:
         self.dark_counts = b.dark_current_e_per_s * b.exposure_s * binning
 
     # -- physics pieces -----------------------------------------------------------------------
-    def line_integrals(self, delta: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``∫δ dl`` and ``∫β dl`` in metres on the detector grid, shape ``(n_angles, n_rows, n_columns)``."""
+    def line_integrals(self, delta: np.ndarray, beta: np.ndarray, angles: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """``∫δ dl`` and ``∫β dl`` in metres on the detector grid, shape ``(n_angles, n_rows, n_columns)``,
+        at the scan's angles ``angles`` (a slice of them; default all)."""
         g = self.geometry
-        projector = LineIntegrals(self.volume_shape, g.n_columns, np.deg2rad(g.angles_deg))
+        angles_rad = np.deg2rad(g.angles_deg[angles])
+        projector = LineIntegrals(self.volume_shape, g.n_columns, angles_rad)
         try:
             # The phantom box is embedded in a cylinder of the slice's mean material (chord of the cylinder
             # minus chord of the box): no step at the box's faces, and the projections end inside the detector.
-            one_slice = LineIntegrals((1,) + self.volume_shape[1:], g.n_columns, np.deg2rad(g.angles_deg))
+            one_slice = LineIntegrals((1,) + self.volume_shape[1:], g.n_columns, angles_rad)
             box = one_slice(np.ones((1,) + self.volume_shape[1:], np.float32))  # (1, angles, cols): same for every slice
             one_slice.close()
             radius_vox = self.cylinder_radius_px
@@ -302,7 +309,7 @@ class Instrument:
             for vol in (delta, beta):
                 sino = projector(vol)  # (nz, angles, cols)
                 sino += vol.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)[:, None, None] * outside
-                proj = np.zeros((g.angles_deg.size, g.n_rows, g.n_columns), np.float32)
+                proj = np.zeros((angles_rad.size, g.n_rows, g.n_columns), np.float32)
                 top, bottom = g.row_offset, g.row_offset + self.volume_shape[0]
                 proj[:, top:bottom, :] = sino.transpose(1, 0, 2)
                 # The cell continues above and below the phantom: repeat its end slices into the margin rows
@@ -344,91 +351,90 @@ class Instrument:
             [scipy.ndimage.affine_transform(img, matrix, offset=offset, order=1, mode="nearest") for img in stack]
         ).astype(np.float32)
 
-    def _shift_projections(self, paths: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> None:
-        """Rotation-axis offset and random jitter, applied in place as sub-pixel shifts (rows, columns)."""
+    def projection_shifts(self, rng: np.random.Generator) -> np.ndarray | None:
+        """(n_projections, 2) sub-pixel shifts (rows, columns): rotation-axis offset and random jitter; None if none."""
         b = self.scenario.beamline
-        n = paths[0].shape[0]
-        shifts = np.zeros((n, 2))
+        shifts = np.zeros((b.n_projections, 2))
         shifts[:, 1] = b.rotation_axis_offset_px
         if b.jitter_sigma_px > 0:
-            shifts += rng.normal(0.0, b.jitter_sigma_px, size=(n, 2))
-        if not np.any(shifts):
+            shifts += rng.normal(0.0, b.jitter_sigma_px, size=shifts.shape)
+        return shifts if np.any(shifts) else None
+
+    @staticmethod
+    def shift_projections(paths: tuple[np.ndarray, np.ndarray], shifts: np.ndarray | None) -> None:
+        """Shift each projection of ``paths`` by its row of ``shifts`` (linear interpolation), in place."""
+        if shifts is None:
             return
         for arr in paths:
-            for i in range(n):
+            for i in range(arr.shape[0]):
                 arr[i] = scipy.ndimage.shift(arr[i], shifts[i], order=1, mode="nearest")
 
-    def detector_frames(self, intensities: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Turn flat-normalized intensities into the recorded darks, flats and projections of one distance.
-
-        Returns
-        -------
-        dict
-            ``data`` (frames, rows, cols) float32 counts, ``image_key`` (0/1/2),
-            ``rotation_angle_deg``, ``count_time_s`` — in acquisition order:
-            darks, half the flats, projections, the other flats.
-        """
-        b = self.scenario.beamline
-        g = self.geometry
-        shape = intensities.shape[1:]
-        n_proj = intensities.shape[0]
+    def frame_layout(self) -> dict[str, np.ndarray]:
+        """``image_key``, ``rotation_angle_deg`` and ``count_time_s`` of the frames of one distance, in
+        acquisition order: darks, half the flats, projections, the other flats."""
+        b, g = self.scenario.beamline, self.geometry
         n_flat_before = b.n_flats // 2 + b.n_flats % 2
-        keys = np.concatenate(
-            [np.full(b.n_darks, DARK), np.full(n_flat_before, FLAT), np.full(n_proj, PROJECTION), np.full(b.n_flats - n_flat_before, FLAT)]
-        ).astype(np.uint8)
-        angles = np.concatenate(
-            [np.zeros(b.n_darks), np.full(n_flat_before, g.angles_deg[0]), g.angles_deg, np.full(b.n_flats - n_flat_before, g.angles_deg[-1])]
-        )
-        # Fixed-pattern detector and beam properties: one draw per scan, shared by all frames of a distance.
-        # float32 maps: the frames are float32, and float64 arithmetic on every frame doubled the detector's time
-        gain = (1.0 + b.gain_sigma * rng.standard_normal(shape)).astype(np.float32)
-        unstable = rng.random(shape) < b.unstable_pixel_fraction
-        gain_projection = gain * np.where(unstable, 1.0 + b.unstable_pixel_gain_change * rng.choice([-1.0, 1.0], size=shape),
-                                          1.0).astype(np.float32)
-        profile = (1.0 + b.illumination_nonuniformity * _smooth_field(shape, correlation_px=max(shape) / 4, rng=rng)).astype(np.float32)
-        mean_photons = self.photons_per_pixel * self.efficiency
-        frames = np.empty((keys.size,) + shape, np.float32)
-        n_lit = max(keys.size - b.n_darks - 1, 1)
-        i_proj = 0
-        noise_free = self.scenario.oracle.noise_free_holograms
-        for i, key in enumerate(keys):
-            if noise_free:
-                dark = np.full(shape, self.dark_counts + b.dark_offset_counts)
-            else:
-                dark = (rng.poisson(self.dark_counts, size=shape).astype(np.float32) + np.float32(b.dark_offset_counts)
-                        + np.float32(self.read_noise_counts) * rng.standard_normal(shape, dtype=np.float32))
-            if key == DARK:
-                frames[i] = dark
-                continue
-            drift = 1.0 + b.beam_drift_fraction * (i - b.n_darks) / n_lit
-            expected = np.float32(mean_photons * drift) * profile
-            if key == PROJECTION:
-                expected = expected * intensities[i_proj]
-                i_proj += 1
-                this_gain = gain_projection
-            else:
-                this_gain = gain
-            counts = np.maximum(expected, 0.0) if noise_free else photon_counts(expected, rng)
-            frames[i] = this_gain * counts + dark
-        return {"data": frames, "image_key": keys, "rotation_angle_deg": angles, "count_time_s": np.full(keys.size, b.exposure_s)}
+        keys = np.concatenate([np.full(b.n_darks, DARK), np.full(n_flat_before, FLAT), np.full(b.n_projections, PROJECTION),
+                               np.full(b.n_flats - n_flat_before, FLAT)]).astype(np.uint8)
+        angles = np.concatenate([np.zeros(b.n_darks), np.full(n_flat_before, g.angles_deg[0]), g.angles_deg,
+                                 np.full(b.n_flats - n_flat_before, g.angles_deg[-1])])
+        return {"image_key": keys, "rotation_angle_deg": angles, "count_time_s": np.full(keys.size, b.exposure_s)}
 
-    def simulate(self, delta: np.ndarray, beta: np.ndarray, *, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
-        """All frames of one scan: a list with one :meth:`detector_frames` dict per distance."""
+    def angles_per_chunk(self) -> int:
+        """Projection angles simulated at once: as many as fit ``HOLOGRAM_CHUNK_BYTES`` of working images (the
+        two path stacks, and per distance its intensities and frames), at least one."""
+        g = self.geometry
+        per_angle = (2 + 2 * len(self.propagators)) * g.n_rows * g.n_columns * 4
+        return int(min(self.scenario.beamline.n_projections, max(1, HOLOGRAM_CHUNK_BYTES // per_angle)))
+
+    def frame_chunks(self, delta: np.ndarray, beta: np.ndarray, *, rng: np.random.Generator,
+                     angles_per_chunk: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """The frames of one scan, a few angles at a time: yields ``(distance index, first frame, frames)``.
+
+        ``frames`` is ``(k, rows, cols)`` float32 counts, frames ``first … first + k − 1`` of that distance in
+        :meth:`frame_layout`'s order. Memory beyond δ and β: about :meth:`angles_per_chunk` angles' images
+        (``HOLOGRAM_CHUNK_BYTES``), whatever the number of projections. Randomness: the projection shifts from
+        ``rng``, then each distance's detector from its own generator spawned from ``rng``, drawn frame by frame
+        in acquisition order, so the frames do not depend on ``angles_per_chunk`` (tested).
+        """
         for name, arr in (("delta", delta), ("beta", beta)):
             if arr.shape != self.volume_shape:
                 raise ValueError(f"{name}: expected shape {self.volume_shape}, got {arr.shape}")
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{name}: contains NaN or infinite values")
-        t0 = time.perf_counter()
-        paths = self.line_integrals(delta, beta)
-        self._shift_projections(paths, rng)
-        t1 = time.perf_counter()
-        stacks = self.holograms(*paths)
-        del paths
-        t2 = time.perf_counter()
-        frames = [self.detector_frames(stack, rng) for stack in stacks]
-        log.info("line integrals %.2f s, holograms %.2f s, detector %.2f s", t1 - t0, t2 - t1, time.perf_counter() - t2)
-        return frames
+        keys = self.frame_layout()["image_key"]
+        n_proj = self.scenario.beamline.n_projections
+        first_projection = int(np.flatnonzero(keys == PROJECTION)[0])
+        after = first_projection + n_proj
+        step = angles_per_chunk or self.angles_per_chunk()
+        shifts = self.projection_shifts(rng)
+        detectors = [_Detector(self, generator, keys) for generator in rng.spawn(len(self.propagators))]
+        for d, det in enumerate(detectors):
+            yield d, 0, det.frames(0, first_projection)
+        for start in range(0, n_proj, step):
+            chunk = slice(start, min(start + step, n_proj))
+            paths = self.line_integrals(delta, beta, chunk)
+            self.shift_projections(paths, None if shifts is None else shifts[chunk])
+            stacks = self.holograms(*paths)
+            del paths
+            for d, (det, stack) in enumerate(zip(detectors, stacks)):
+                yield d, first_projection + chunk.start, det.frames(first_projection + chunk.start,
+                                                                     first_projection + chunk.stop, stack)
+        for d, det in enumerate(detectors):
+            yield d, after, det.frames(after, keys.size)
+
+    def simulate(self, delta: np.ndarray, beta: np.ndarray, *, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+        """All frames of one scan in memory: per distance, :meth:`frame_layout` and ``data`` (frames, rows, cols).
+
+        For small scans and tests; the ``holograms`` stage streams the same frames to disk (:func:`write_scan`).
+        """
+        layout = self.frame_layout()
+        g = self.geometry
+        out = [dict(layout, data=np.empty((layout["image_key"].size, g.n_rows, g.n_columns), np.float32))
+               for _ in self.propagators]
+        for d, first, frames in self.frame_chunks(delta, beta, rng=rng):
+            out[d]["data"][first:first + len(frames)] = frames
+        return out
 
     # -- metadata -------------------------------------------------------------------------------
     def parameters(self) -> dict:
@@ -453,6 +459,54 @@ class Instrument:
         }
 
 
+class _Detector:
+    """One distance's detector for one scan: its fixed pattern (gain, unstable pixels, illumination profile) and
+    its noise, drawn from its own generator frame by frame in acquisition order."""
+
+    def __init__(self, instrument: Instrument, rng: np.random.Generator, keys: np.ndarray):
+        b = instrument.scenario.beamline
+        self.instrument, self.rng, self.keys = instrument, rng, keys
+        shape = (instrument.geometry.n_rows, instrument.geometry.n_columns)
+        self.shape = shape
+        # float32 maps: the frames are float32, and float64 arithmetic on every frame doubled the detector's time
+        self.gain = (1.0 + b.gain_sigma * rng.standard_normal(shape)).astype(np.float32)
+        unstable = rng.random(shape) < b.unstable_pixel_fraction
+        self.gain_projection = self.gain * np.where(
+            unstable, 1.0 + b.unstable_pixel_gain_change * rng.choice([-1.0, 1.0], size=shape), 1.0).astype(np.float32)
+        self.profile = (1.0 + b.illumination_nonuniformity
+                        * _smooth_field(shape, correlation_px=max(shape) / 4, rng=rng)).astype(np.float32)
+
+    def frames(self, first: int, stop: int, intensities: np.ndarray | None = None) -> np.ndarray:
+        """Recorded counts of frames ``first … stop − 1`` (float32); ``intensities``: the flat-normalized
+        holograms of the projections among them, in order."""
+        inst, b, rng, shape = self.instrument, self.instrument.scenario.beamline, self.rng, self.shape
+        mean_photons = inst.photons_per_pixel * inst.efficiency
+        n_lit = max(self.keys.size - b.n_darks - 1, 1)
+        noise_free = inst.scenario.oracle.noise_free_holograms
+        out = np.empty((stop - first,) + shape, np.float32)
+        i_proj = 0
+        for j, i in enumerate(range(first, stop)):
+            if noise_free:
+                dark = np.full(shape, inst.dark_counts + b.dark_offset_counts)
+            else:
+                dark = (rng.poisson(inst.dark_counts, size=shape).astype(np.float32) + np.float32(b.dark_offset_counts)
+                        + np.float32(inst.read_noise_counts) * rng.standard_normal(shape, dtype=np.float32))
+            if self.keys[i] == DARK:
+                out[j] = dark
+                continue
+            drift = 1.0 + b.beam_drift_fraction * (i - b.n_darks) / n_lit
+            expected = np.float32(mean_photons * drift) * self.profile
+            if self.keys[i] == PROJECTION:
+                expected = expected * intensities[i_proj]
+                i_proj += 1
+                gain = self.gain_projection
+            else:
+                gain = self.gain
+            counts = np.maximum(expected, 0.0) if noise_free else photon_counts(expected, rng)
+            out[j] = gain * counts + dark
+        return out
+
+
 def _smooth_field(shape, *, correlation_px: float, rng: np.random.Generator) -> np.ndarray:
     """A smooth random field of unit standard deviation (Gaussian-filtered white noise)."""
     field = scipy.ndimage.gaussian_filter(rng.standard_normal(shape), correlation_px, mode="wrap")
@@ -470,7 +524,14 @@ def pixel_size_of_distance(geometry: Geometry, index: int, mode: str) -> float:
 
 
 def write_nxtomo(path: str | Path, instrument: Instrument, frames: list[dict[str, np.ndarray]], *, title: str = "") -> Path:
-    """Write one scan (all distances) as an NXtomo HDF5 file, one entry per distance, atomically.
+    """Write frames held in memory (:meth:`Instrument.simulate`) as an NXtomo file; see :func:`write_scan`."""
+    return _write_entries(path, instrument, frames, ((d, 0, fr["data"]) for d, fr in enumerate(frames)), title=title)
+
+
+def write_scan(path: str | Path, instrument: Instrument, delta: np.ndarray, beta: np.ndarray, *,
+               rng: np.random.Generator, title: str = "") -> Path:
+    """Simulate one scan and write it as an NXtomo HDF5 file, a few angles at a time (:meth:`Instrument.frame_chunks`),
+    so memory stays bounded by δ, β and one chunk whatever the number of projections. Atomic.
 
     Entry ``entryNNNN`` holds distance N: detector data, image keys, angles,
     sample-plane pixel size, effective propagation distance
@@ -478,6 +539,13 @@ def write_nxtomo(path: str | Path, instrument: Instrument, frames: list[dict[str
     distance, energy, the rotation axis position, and a ``twin_simulation``
     group with the parameters as JSON.
     """
+    layouts = [instrument.frame_layout() for _ in instrument.propagators]
+    return _write_entries(path, instrument, layouts, instrument.frame_chunks(delta, beta, rng=rng), title=title)
+
+
+def _write_entries(path: str | Path, instrument: Instrument, layouts: list[dict[str, np.ndarray]],
+                   chunks: Iterable[tuple[int, int, np.ndarray]], *, title: str = "") -> Path:
+    """One NXtomo entry per distance: metadata by ``nxtomo``, then the detector data filled chunk by chunk."""
     import h5py
     from nxtomo.application.nxtomo import NXtomo
     from pint import get_application_registry
@@ -487,31 +555,47 @@ def write_nxtomo(path: str | Path, instrument: Instrument, frames: list[dict[str
     b = instrument.scenario.beamline
     params = json.dumps(instrument.parameters())
     with atomic_path(path) as tmp:
-        for i, fr in enumerate(frames):
+        for i, layout in enumerate(layouts):
             nx = NXtomo()
             nx.title = title or f"twin holotomography distance {i}"
             nx.instrument.beam.incident_energy = b.energy_kev * ureg.keV
             det = nx.instrument.detector
-            det.data = fr["data"]
-            det.image_key_control = fr["image_key"]
-            det.count_time = fr["count_time_s"] * ureg.s
+            # a placeholder of the right frame count: the data are written below, without holding the stack
+            det.data = np.zeros((layout["image_key"].size, 1, 1), np.float32)
+            det.image_key_control = layout["image_key"]
+            det.count_time = layout["count_time_s"] * ureg.s
             pixel = pixel_size_of_distance(g, i, b.magnification_mode)
             det.x_pixel_size = pixel * ureg.m
             det.y_pixel_size = pixel * ureg.m
             det.distance = g.z2_m[i] * ureg.m
             det.x_rotation_axis_pixel_position = float(b.rotation_axis_offset_px)
             nx.instrument.source.distance = g.z1_m[i] * ureg.m
-            nx.sample.rotation_angle = fr["rotation_angle_deg"] * ureg.degree
+            nx.sample.rotation_angle = layout["rotation_angle_deg"] * ureg.degree
             nx.sample.propagation_distance = g.distances_m[i] * ureg.m
             nx.sample.x_pixel_size = pixel * ureg.m
             nx.sample.y_pixel_size = pixel * ureg.m
             nx.save(str(tmp), data_path=f"entry{i:04d}", overwrite=True)
         with h5py.File(tmp, "a") as f:
-            for i in range(len(frames)):
-                grp = f[f"entry{i:04d}"].create_group("twin_simulation")
+            datasets = []
+            for i, layout in enumerate(layouts):
+                entry = f[f"entry{i:04d}"]
+                detector = entry["instrument/detector"]
+                attrs = dict(detector["data"].attrs)
+                del detector["data"]  # entry/data/data is a soft link to this path: it follows the new dataset
+                data = detector.create_dataset("data", shape=(layout["image_key"].size, g.n_rows, g.n_columns),
+                                               dtype=np.float32, chunks=(1, g.n_rows, g.n_columns))
+                data.attrs.update(attrs)
+                datasets.append(data)
+                grp = entry.create_group("twin_simulation")
                 grp.attrs["NX_class"] = "NXcollection"
                 grp.create_dataset("parameters_json", data=params)
                 grp.create_dataset("distance_index", data=i)
+            written = [0] * len(layouts)
+            for d, first, frames in chunks:
+                datasets[d][first:first + len(frames)] = frames
+                written[d] += len(frames)
+            if written != [len(ds) for ds in datasets]:
+                raise ValueError(f"{path}: frames written per distance {written}, expected {[len(ds) for ds in datasets]}")
     return Path(path)
 
 
@@ -534,5 +618,4 @@ def compute_holograms(ctx) -> None:
     except (OSError, KeyError, ValueError) as exc:
         raise InputFileError(source, f"cannot read variables 'delta' and 'beta' ({exc})") from None
     instrument = Instrument(ctx.scenario, volume_shape=delta.shape)
-    frames = instrument.simulate(delta, beta, rng=ctx.rng)
-    write_nxtomo(Path(ctx.out_dir) / "scan.nx", instrument, frames, title=f"twin {ctx.scenario.name} {ctx.item}")
+    write_scan(Path(ctx.out_dir) / "scan.nx", instrument, delta, beta, rng=ctx.rng, title=f"twin {ctx.scenario.name} {ctx.item}")

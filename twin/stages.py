@@ -66,7 +66,7 @@ def twin_stages() -> list[Stage]:
         Stage("microstructure", 2, ("sample", "beamline.energy_kev"), Lazy("phantoms.truth:compute_microstructure")),
         Stage("truth", 2, ("sample", "beamline.energy_kev"), Lazy("phantoms.truth:compute_truth"),
               needs=lambda item, r: [("microstructure", None), ("rehearsal", None)], items=scans),
-        Stage("holograms", 3, ("beamline", "sample.voxel_size_um", "oracle.noise_free_holograms"),
+        Stage("holograms", 4, ("beamline", "sample.voxel_size_um", "oracle.noise_free_holograms"),
               Lazy("twin.instrument:compute_holograms"), needs=lambda item, r: [("truth", item)], items=scans),
         Stage("reconstruction", 2, ("reconstruction", "beamline", "sample.voxel_size_um", "oracle.true_delta"),
               Lazy("pipeline.reconstruction:compute_reconstruction"),
