@@ -208,3 +208,25 @@ def test_best_setting_is_the_smallest_error_the_largest_score_and_the_smallest_a
     assert best_index("dic.volumetric_strain_mae.max", values) == 3
     assert best_index("segmentation.dice_si.mean", values) == 0
     assert best_index("dic.displacement_rmse_vx.max", np.array([np.nan, 0.2, 0.1])) == 2
+
+
+def test_plan_shows_which_nodes_a_delta_beta_by_node_spacing_sweep_shares(tmp_path):
+    """The real DAG's keys: truth and holograms once for all points, reconstruction, segmentation and the image scores
+    once per δ/β, DIC and validation for every point (what issue 9 asks of sharing); only the rehearsal runs."""
+    from twin.sweep import format_plan, plan_sweep
+
+    params = [parse_param("reconstruction.delta_beta=100,300"), parse_param("dic.node_spacing_px=[12,8],[16,12]")]
+    plan = plan_sweep("tiny", params, tmp_path)
+    n = plan["truth"].distinct  # the scans of the schedule
+    assert n == 10
+    assert plan["truth"].nodes == 4 * n and plan["holograms"].distinct == n
+    assert plan["reconstruction"].distinct == 2 * n and plan["segmentation"].distinct == 2 * n
+    assert plan["segmentation_training"].distinct == 2 and plan["image_scores"].distinct == 2
+    assert plan["particle_labels"].distinct == 2 * n
+    assert plan["dic"].distinct == 4 * (n - 1) and plan["tracking"].distinct == 4 and plan["validation"].distinct == 4
+    assert plan["holograms"].seconds == pytest.approx(plan["holograms"].seconds_alone / 4)
+    assert plan["dic"].seconds == pytest.approx(plan["dic"].seconds_alone)
+    assert not plan["validation"].modelled and plan["validation"].seconds == 0
+    assert plan["rehearsal"].cached == 1 and plan["holograms"].cached == 0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["rehearsal"]
+    assert "4 points" in format_plan(plan) and "sharing ratio" in format_plan(plan)

@@ -273,12 +273,14 @@ def sweep(
     out_dir: OutOpt = Path("sweep"),
     set_: SetOpt = None,
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of an existing Dask scheduler.")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Only say what the sweep would compute (nodes per stage, shared, "
+                                                      "cached, modelled time); runs nothing but the rehearsal.")] = False,
 ) -> None:
     """Run a grid of scenarios through one shared cache: sweep.nc (swept dims × metrics) and sweep.png."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from twin.errors import ScenarioError
-    from twin.sweep import parse_param, run_sweep
+    from twin.sweep import format_plan, parse_param, plan_sweep, run_sweep
 
     if not param:
         raise ScenarioError("--param: give at least one KEY=v1,v2,...")
@@ -286,6 +288,10 @@ def sweep(
     if scheduler:
         overrides.append(f'run.scheduler="{scheduler}"')
     params = [parse_param(p) for p in param]
+    if plan:
+        out.print(format_plan(plan_sweep(scenario, params, out_dir, overrides=overrides, samples=samples)),
+                  markup=False, highlight=False, soft_wrap=True)
+        return
     with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=err) as bar:
         task = bar.add_task("", total=None)

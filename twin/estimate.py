@@ -66,6 +66,36 @@ def expected_scans(sc: Scenario) -> int:
     return 1 + p.max_charge_scans + int(discharge_min // cycle_min) + p.final_scans
 
 
+def seconds_per_node(sc: Scenario, *, calibrated: bool = True) -> dict[str, float]:
+    """One-core seconds of one node of each modelled stage of the DAG (``truth``, ``holograms``,
+    ``reconstruction``, ``segmentation`` and ``dic`` per scan or increment, ``segmentation_training`` once).
+
+    Stages not listed (rehearsal, microstructure, particle labels, scores, composition, tracking, validation) are
+    not modelled: at ``quickstart`` size they take a few percent of a run, and less beyond.
+    """
+    nz, ny, nx = sc.volume_shape
+    n_vox = nz * ny * nx
+    b, seg, dic = sc.beamline, sc.segmentation, sc.dic
+    padded = 4 * b.detector_pixels * nz  # rows × columns of one projection, 2× padding in each direction
+    n_dist = len(b.propagation_distances_m)
+    half = (dic.window_half_size_px or [max(1, s // 2) for s in dic.node_spacing_px])[-1]
+    n_nodes = sum(max(1, (nz // s) * (ny // s) * (nx // s)) for s in dic.node_spacing_px)
+    filters_scale = (seg.base_filters / 16) ** 2 * (2 ** (seg.depth - 4))
+    n_train_images = seg.n_training_slices * (1 + seg.augmentations_per_slice)
+    model = {
+        "truth": n_vox * _S_PER_VOXEL_PHANTOM,
+        "holograms": b.n_projections * (n_vox * _S_PER_RAY_STEP + n_dist * padded * _S_PER_FFT_POINT),
+        "reconstruction": b.n_projections * n_vox * _S_PER_RAY_STEP * 2 + b.n_projections * n_dist * padded * _S_PER_FFT_POINT,
+        "segmentation_training": 2 * seg.epochs * n_train_images * math.prod(seg.tile_shape_px) * _S_PER_UNET_PIXEL_EPOCH
+        * max(filters_scale, 0.05),
+        "segmentation": n_vox * _S_PER_UNET_PIXEL_EPOCH / 3,
+        "dic": n_nodes * (2 * half + 1) ** 3 * _DIC_ITERATIONS * _S_PER_DIC_VOXEL_ITER,
+    }
+    if not calibrated:
+        return model
+    return {k: v * _MEASURED_OVER_MODEL[k.removesuffix("_training")] for k, v in model.items()}
+
+
 def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True) -> Estimate:
     """Estimate peak memory per stage, disk and wall time of ``sc`` on ``cores`` cores.
 
@@ -75,7 +105,7 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
 
     nz, ny, nx = sc.volume_shape
     n_vox = nz * ny * nx
-    b, seg, dic = sc.beamline, sc.segmentation, sc.dic
+    b, seg = sc.beamline, sc.segmentation
     det_px = b.detector_pixels * nz  # rows × columns of one projection
     n_dist = len(b.propagation_distances_m)
     n_scans = expected_scans(sc)
@@ -97,21 +127,15 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
         # two volumes, their gradients and the deformed image inside spam
         "dic": n_vox * 4 * 6,
     }
-    half = (dic.window_half_size_px or [max(1, s // 2) for s in dic.node_spacing_px])[-1]
-    n_nodes = sum(max(1, (nz // s) * (ny // s) * (nx // s)) for s in dic.node_spacing_px)
-    window = (2 * half + 1) ** 3
-    filters_scale = (seg.base_filters / 16) ** 2 * (2 ** (seg.depth - 4))
-    n_train_images = seg.n_training_slices * (1 + seg.augmentations_per_slice)
+    per_node = seconds_per_node(sc, calibrated=calibrated)
     sec = {
-        "truth": n_scans * n_vox * _S_PER_VOXEL_PHANTOM,
-        "holograms": n_scans * b.n_projections * (n_vox * _S_PER_RAY_STEP + n_dist * padded * _S_PER_FFT_POINT),
-        "reconstruction": n_scans * (b.n_projections * n_vox * _S_PER_RAY_STEP * 2
-                                     + b.n_projections * n_dist * padded * _S_PER_FFT_POINT),
-        "segmentation": 2 * seg.epochs * n_train_images * math.prod(seg.tile_shape_px) * _S_PER_UNET_PIXEL_EPOCH
-        * max(filters_scale, 0.05) + n_scans * n_vox * _S_PER_UNET_PIXEL_EPOCH / 3,
-        "dic": (n_scans - 1) * n_nodes * window * _DIC_ITERATIONS * _S_PER_DIC_VOXEL_ITER,
+        "truth": n_scans * per_node["truth"],
+        "holograms": n_scans * per_node["holograms"],
+        "reconstruction": n_scans * per_node["reconstruction"],
+        "segmentation": per_node["segmentation_training"] + n_scans * per_node["segmentation"],
+        "dic": (n_scans - 1) * per_node["dic"],
     }
-    sec = {k: v * (_MEASURED_OVER_MODEL[k] if calibrated else 1.0) / cores for k, v in sec.items()}
+    sec = {k: v / cores for k, v in sec.items()}
     disk = n_scans * (n_vox * (1 + 4 + 4 + 4 + 4 + 12 + 4 + 4 + 1)
                       + (b.n_projections * n_dist + b.n_flats + b.n_darks) * det_px * 2)
     return Estimate(volume_shape=(nz, ny, nx), n_scans=n_scans, memory_bytes=mem, seconds=sec,

@@ -114,6 +114,80 @@ def _coordinate(values: list[Any]) -> np.ndarray:
     return np.asarray([json.dumps(v) for v in values], dtype=object)
 
 
+def _point_scenarios(base: str | Path, params: Sequence[Param], overrides: Sequence[str], samples: int | None):
+    """The base scenario, the points and each point's scenario, every point validated before anything runs
+    (a bad value fails the sweep at once, naming the field)."""
+    base_sc = load_scenario(base, list(overrides))
+    points = sweep_points(params, samples, base_sc.run.seed)
+    scenarios = [load_scenario(base, [*overrides, *(_override(k, v) for k, v in p.items())]) for p in points]
+    return base_sc, points, scenarios
+
+
+@dataclass
+class StagePlan:
+    """What one stage of a sweep costs: nodes its points need (summed), distinct ones, those already cached, and the
+    modelled one-core seconds of the distinct uncached nodes and of every needed node (the points run alone)."""
+
+    nodes: int = 0
+    distinct: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+    seconds_alone: float = 0.0
+    modelled: bool = True
+
+
+def plan_sweep(base: str | Path, params: Sequence[Param], out_dir: Path, *, overrides: Sequence[str] = (),
+               samples: int | None = None) -> dict[str, StagePlan]:
+    """What a sweep would compute, before computing it: per stage, a :class:`StagePlan`.
+
+    Node keys come from the DAG as :func:`run_sweep` computes them, so the plan shows exactly which nodes the points
+    share; seconds come from the calibrated cost model (:func:`twin.estimate.seconds_per_node`; stages it does not
+    model count 0 and say so). Only the rehearsal runs (into ``out_dir``'s cache): its schedule lists the scans.
+    """
+    from twin.estimate import seconds_per_node
+    from twin.runner import MANIFEST
+    from twin.stages import twin_stages
+
+    base_sc, _, scenarios = _point_scenarios(base, params, overrides, samples)
+    cache_dir = Path(base_sc.run.cache_dir) if base_sc.run.cache_dir else Path(out_dir) / "cache"
+    plan: dict[str, StagePlan] = {}
+    seen: set[tuple[str, str]] = set()
+    for sc in scenarios:
+        runner = Runner(sc, twin_stages(), cache_dir)
+        cost = seconds_per_node(sc)
+        for stage, item in runner.plan([("validation", None)]):
+            key = runner.key((stage, item))
+            row = plan.setdefault(stage, StagePlan(modelled=stage in cost))
+            row.nodes += 1
+            row.seconds_alone += cost.get(stage, 0.0)
+            if (stage, key) in seen:
+                continue
+            seen.add((stage, key))
+            row.distinct += 1
+            if (runner.cache.entry(stage, key) / MANIFEST).is_file():
+                row.cached += 1
+            else:
+                row.seconds += cost.get(stage, 0.0)
+    return plan
+
+
+def format_plan(plan: dict[str, StagePlan]) -> str:
+    """The plan as a table, with the modelled sharing ratio."""
+    from twin.estimate import _human_seconds
+
+    lines = [f"# sweep plan: {plan['validation'].nodes} points (one-core seconds from the calibrated cost model; - : not modelled)",
+             f"# {'stage':<22}{'needed':>8}{'distinct':>10}{'cached':>8}{'to compute':>12}{'alone':>10}"]
+    for name, r in plan.items():
+        seconds, alone = (_human_seconds(r.seconds), _human_seconds(r.seconds_alone)) if r.modelled else ("-", "-")
+        lines.append(f"# {name:<22}{r.nodes:>8}{r.distinct:>10}{r.cached:>8}{seconds:>12}{alone:>10}")
+    spent = sum(r.seconds for r in plan.values())
+    alone = sum(r.seconds_alone for r in plan.values())
+    if alone > 0:
+        lines.append(f"# modelled: {_human_seconds(spent)} to compute, {_human_seconds(alone)} for the points run alone "
+                     f"(sharing ratio {spent / alone:.2f}, counting cached nodes as free)")
+    return "\n".join(lines)
+
+
 def run_sweep(
     base: str | Path,
     params: Sequence[Param],
@@ -150,10 +224,7 @@ def run_sweep(
     metrics_of = metrics_of or _validation_metrics
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_sc = load_scenario(base, list(overrides))
-    points = sweep_points(params, samples, base_sc.run.seed)
-    # Validate every point before running any: a bad value fails the sweep at once, naming the field.
-    scenarios: list[Scenario] = [load_scenario(base, [*overrides, *(_override(k, v) for k, v in p.items())]) for p in points]
+    base_sc, points, scenarios = _point_scenarios(base, params, overrides, samples)
     with atomic_path(out_dir / "points.json") as tmp:
         tmp.write_text(json.dumps({"base": str(base), "overrides": list(overrides), "points": points}, indent=1))
 
