@@ -4,8 +4,10 @@ Each measurement runs in a child process that first builds its inputs, then time
 samples the resident set every 5 ms; the peak growth over the resident set before the call is the stage's
 working memory (inputs excluded; outputs held in memory included). Stages and what they get:
 
-- ``holograms``: :meth:`twin.instrument.Instrument.simulate` + :func:`twin.instrument.write_nxtomo` of an n³
-  phantom (``quickstart``'s optics, n detector columns) at ``n_projections`` angles;
+- ``holograms``: :func:`twin.instrument.write_scan` (what the stage runs: simulated and written a chunk of
+  angles at a time) of an n³ phantom (``quickstart``'s optics, n detector columns) at ``n_projections`` angles,
+  with chunks of ``--chunk-mib`` (default 64 MiB instead of the stage's 1 GiB, so that the sizes measured here
+  are chunked as ``paper``'s are);
 - ``reconstruction``: :meth:`pipeline.reconstruction.Reconstructor.run` on that scan;
 - ``segmentation``: :meth:`pipeline.segmentation.UNetSegmenter.probability` of an n³ volume (``tiny``'s
   network: depth 2, 8 base filters, zx and zy slices; weights from one short fit: inference cost does not
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 STAGES = ("holograms", "reconstruction", "segmentation", "dic")
+CHUNK_ENV = "TWIN_BENCH_HOLOGRAM_CHUNK_MIB"
 
 
 def _scenario(n: int, n_projections: int):
@@ -50,12 +54,15 @@ def _scan(n: int, n_projections: int, path: Path):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_instrument import _phantom
 
-    from twin.instrument import Instrument, write_nxtomo
+    import twin.instrument
+    from twin.instrument import Instrument, write_scan
+
+    twin.instrument.HOLOGRAM_CHUNK_BYTES = int(float(os.environ.get(CHUNK_ENV, 64)) * 2**20)
 
     sc = _scenario(n, n_projections)
     delta, beta = _phantom((n, n, n), np.random.default_rng(0))
     inst = Instrument(sc, volume_shape=(n, n, n))
-    return sc, inst, delta, beta, lambda: write_nxtomo(path, inst, inst.simulate(delta, beta, rng=np.random.default_rng(1)))
+    return sc, lambda: write_scan(path, inst, delta, beta, rng=np.random.default_rng(1))
 
 
 def _textured_pair(n: int, rng: np.random.Generator):
@@ -75,12 +82,12 @@ def _textured_pair(n: int, rng: np.random.Generator):
 def _prepare(stage: str, n: int, n_projections: int, tmp: Path):
     """The stage call, with its inputs built (not timed)."""
     if stage == "holograms":
-        return _scan(n, n_projections, tmp / "scan.nx")[-1]
+        return _scan(n, n_projections, tmp / "scan.nx")[1]
     if stage == "reconstruction":
         from pipeline.nxtomo_io import open_scan
         from pipeline.reconstruction import Reconstructor
 
-        sc, *_, write = _scan(n, n_projections, tmp / "scan.nx")
+        sc, write = _scan(n, n_projections, tmp / "scan.nx")
         write()
         rec = Reconstructor(open_scan(tmp / "scan.nx"), sc.reconstruction)
         return rec.run
@@ -179,6 +186,8 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default="64,128,256")
     parser.add_argument("--projections", default="32,64,128")
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--chunk-mib", type=float, default=64.0)
     args = parser.parse_args()
+    os.environ[CHUNK_ENV] = str(args.chunk_mib)
     main(tuple(int(v) for v in args.sizes.split(",")), tuple(int(v) for v in args.projections.split(",")),
          tuple(args.stages.split(",")))
