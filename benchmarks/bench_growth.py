@@ -9,7 +9,7 @@ working memory (inputs excluded; outputs held in memory included). Stages and wh
   with chunks of ``--chunk-mib`` (default 64 MiB instead of the stage's 1 GiB, so that the sizes measured here
   are chunked as ``paper``'s are);
 - ``reconstruction``: :meth:`pipeline.reconstruction.Reconstructor.run` on that scan;
-- ``segmentation``: :meth:`pipeline.segmentation.UNetSegmenter.probability` of an n³ volume (``tiny``'s
+- ``segmentation``: :meth:`pipeline.segmentation.UNetSegmenter.segment` of an n³ volume (``tiny``'s
   network: depth 2, 8 base filters, zx and zy slices; weights from one short fit: inference cost does not
   depend on them);
 - ``dic``: :func:`pipeline.dic.correlate_pair` of a textured n³ pair under a smooth known displacement, node
@@ -103,7 +103,7 @@ def _prepare(stage: str, n: int, n_projections: int, tmp: Path):
                             slice_planes=("zx", "zy")).fit(images, masks, rng)
         volume = disk_slices(n, n, n, rng)[0].astype(np.float32)
         seg.probability(volume[:2])  # build the predict function outside the timing
-        return lambda: seg.probability(volume)
+        return lambda: seg.segment(volume)
     if stage == "dic":
         from pipeline.dic import DICSettings, correlate_pair
 

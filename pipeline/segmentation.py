@@ -453,9 +453,9 @@ class UNetSegmenter:
             raise StageError("UNetSegmenter: no model; call fit() or load() first")
         return self.model
 
-    def class_probabilities(self, volume: np.ndarray) -> np.ndarray:
-        """Each class's probability, (z, y, x, n_classes) float32, background first: tiled, blended inference
-        over the slices of each of ``slice_planes``, averaged over the planes."""
+    def _plane_mean(self, volume: np.ndarray) -> np.ndarray:
+        """The network's output averaged over the slices of each of ``slice_planes``: (z, y, x, 1) P(Si) for two
+        classes, (z, y, x, n_classes) otherwise; tiled, blended inference."""
         model = self._require_model()
         volume = np.asarray(volume, dtype=np.float32)
         planes = self.slice_planes
@@ -473,17 +473,28 @@ class UNetSegmenter:
             stack = predict_tiled(predict_batch, as_plane_stack(volume, plane), tile_shape_px=self.tile_shape_px,
                                   overlap_px=overlap, align_px=2**self.depth)
             total += from_plane_stack(stack, plane)
+            del stack
         total /= len(planes)
+        return total
+
+    def class_probabilities(self, volume: np.ndarray) -> np.ndarray:
+        """Each class's probability, (z, y, x, n_classes) float32, background first: tiled, blended inference
+        over the slices of each of ``slice_planes``, averaged over the planes."""
+        total = self._plane_mean(volume)
         return np.concatenate([1.0 - total, total], axis=-1) if self.n_classes == 2 else total
 
     def probability(self, volume: np.ndarray) -> np.ndarray:
         """P(Si) of every voxel, (z, y, x) float32 (1 - P(background))."""
-        p = self.class_probabilities(volume)
-        return 1.0 - p[..., 0]
+        total = self._plane_mean(volume)
+        return total[..., 0] if self.n_classes == 2 else 1.0 - total[..., 0]
 
     def segment(self, volume: np.ndarray) -> np.ndarray:
-        """Labels (z, y, x) uint8 by :func:`labels_from_class_probabilities` with ``probability_threshold``."""
-        return labels_from_class_probabilities(self.class_probabilities(volume), self.probability_threshold)
+        """Labels (z, y, x) uint8 by :func:`labels_from_class_probabilities` with ``probability_threshold``
+        (for two classes straight from P(Si), without the background channel: a third of the memory)."""
+        total = self._plane_mean(volume)
+        if self.n_classes == 2:
+            return (total[..., 0] > self.probability_threshold).astype(np.uint8)
+        return labels_from_class_probabilities(total, self.probability_threshold)
 
     # persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -122,10 +122,12 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
         "holograms": n_vox * 8 + min(HOLOGRAM_CHUNK_BYTES, b.n_projections * (2 + 2 * n_dist) * det_px * 4) + padded * 8 * 2,
         # flats/darks + phase-retrieved slab + output volume (f4) + a slab of sinograms
         "reconstruction": n_vox * 4 * 2 + (b.n_flats + b.n_darks) * det_px * 4 + b.n_projections * b.detector_pixels * 64 * 4,
-        # volume + labels + batch activations (~4 × base filters channels at full tile resolution)
-        "segmentation": n_vox * 5 + seg.batch_size * math.prod(seg.tile_shape_px) * 4 * seg.base_filters * 4 * 4,
-        # two volumes, their gradients and the deformed image inside spam
-        "dic": n_vox * 4 * 6,
+        # volume + P(Si) averaged over the planes + one plane's prediction + labels (benchmarks/bench_growth.py:
+        # 2.1 float32 volumes over the input at 256³) + batch activations (~4 × base filters channels per tile pixel)
+        "segmentation": n_vox * 13 + seg.batch_size * math.prod(seg.tile_shape_px) * 4 * seg.base_filters * 4 * 4,
+        # two volumes + what the correlation of one pair adds: 40 (128³ → 256³) to 54 (at 256³) bytes per voxel in
+        # benchmarks/bench_growth.py, mostly the eye registration's two complex128 spectra and spam's registration
+        "dic": n_vox * (8 + 48),
     }
     per_node = seconds_per_node(sc, calibrated=calibrated)
     sec = {
