@@ -126,7 +126,7 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
         # 2.1 float32 volumes over the input at 256³) + batch activations (~4 × base filters channels per tile pixel)
         "segmentation": n_vox * 13 + seg.batch_size * math.prod(seg.tile_shape_px) * 4 * seg.base_filters * 4 * 4,
         # two volumes + what the correlation of one pair adds: 40 (128³ → 256³) to 54 (at 256³) bytes per voxel in
-        # benchmarks/bench_growth.py, mostly the eye registration's two complex128 spectra and spam's registration
+        # benchmarks/bench_growth.py; the peak is spam's whole-volume registration (13.7 float32 volumes at 256³)
         "dic": n_vox * (8 + 48),
     }
     per_node = seconds_per_node(sc, calibrated=calibrated)
