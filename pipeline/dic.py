@@ -6,7 +6,10 @@ For each consecutive pair of scans (T(i-1), Ti):
    :func:`skimage.registration.phase_cross_correlation`) replacing the seed's
    manual alignment;
 2. **registration** ``spam.DIC.register`` (12-DOF Φ) about the centre of mass
-   of the textured electrode (max 3000 iterations, ‖δΦ‖ < 1e-4);
+   of the textured electrode (max 3000 iterations, ‖δΦ‖ < 1e-4); both steps run
+   on the pair binned by a power of 2 to at most ``dic.registration_max_voxels``
+   (2²⁴: unbinned up to 256³; by 8 at the seed's size, where whole-volume
+   registration would hold ~14 float32 volumes), Φ then expressed on the full grid;
 3. **hierarchical local DIC** ``spam.DIC.ldic`` at node spacings
    ``dic.node_spacing_px`` (seed: 100, 70, 35 px), each level seeded by the
    previous one: non-converged and incoherent nodes are replaced from their
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +77,7 @@ class DICSettings:
     node_spacing_px: tuple[int, ...] = (100, 70, 35)
     window_half_size_px: tuple[int, ...] | None = None
     registration_max_iterations: int = 3000
+    registration_max_voxels: int = 2**24
     max_iterations: int = 3000
     delta_phi_tolerance: float = 1e-4
     margin_px: int = 3
@@ -91,6 +96,7 @@ class DICSettings:
             node_spacing_px=tuple(d.node_spacing_px),
             window_half_size_px=None if d.window_half_size_px is None else tuple(d.window_half_size_px),
             registration_max_iterations=d.registration_max_iterations,
+            registration_max_voxels=d.registration_max_voxels,
             max_iterations=d.max_iterations,
             delta_phi_tolerance=d.delta_phi_tolerance,
             margin_px=d.margin_px,
@@ -235,6 +241,24 @@ class PairResult:
 
 
 # The steps ------------------------------------------------------------------------------
+
+
+def registration_binning(shape: tuple[int, int, int], max_voxels: int) -> int:
+    """The smallest power of 2 binning ``shape`` to at most ``max_voxels`` voxels."""
+    factor = 1
+    while math.prod(n // factor for n in shape) > max_voxels and min(shape) // (2 * factor) >= 8:
+        factor *= 2
+    return factor
+
+
+def bin_volume(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor``³ blocks (the far edges cropped to whole blocks); binned voxel i covers full-resolution
+    voxels ``factor·i … factor·i + factor − 1``, centred at ``factor·i + (factor − 1)/2``."""
+    if factor == 1:
+        return volume
+    nz, ny, nx = (n // factor for n in volume.shape)
+    cropped = volume[:nz * factor, :ny * factor, :nx * factor].astype(np.float32)
+    return cropped.reshape(nz, factor, ny, factor, nx, factor).mean(axis=(1, 3, 5), dtype=np.float32)
 
 
 def eye_registration(reference: np.ndarray, deformed: np.ndarray) -> np.ndarray:
@@ -431,12 +455,19 @@ def correlate_pair(reference: np.ndarray, deformed: np.ndarray, settings: DICSet
     processes = resolve_processes(settings.processes)
     hws = settings.half_windows()
     mask = texture_mask(reference, half_window_px=hws[-1])
-    shift = eye_registration(reference, deformed)
+    factor = registration_binning(reference.shape, settings.registration_max_voxels)
+    binned = [bin_volume(v, factor) for v in (reference, deformed)]
+    shift = eye_registration(*binned)
     phi_eye = np.eye(4)
     phi_eye[:3, 3] = shift
-    reg = register(reference, deformed, mask, settings, phi_init=phi_eye)
-    reg_phi = reg["Phi"] if reg["returnStatus"] > 0 else phi_eye  # a diverged registration is not trusted
-    reg_centre = reg["centre"] if reg["returnStatus"] > 0 else (np.array(reference.shape) - 1) / 2.0
+    reg = register(*binned, bin_volume(mask.astype(np.float32), factor) > 0.5, settings, phi_init=phi_eye)
+    del binned
+    # on the full grid: the same F, translation × factor, about the binned centre's full-resolution position
+    reg_phi = reg["Phi"].copy() if reg["returnStatus"] > 0 else phi_eye  # a diverged registration is not trusted
+    reg_phi[:3, 3] *= factor
+    shift = shift * factor
+    reg_centre = (reg["centre"] * factor + (factor - 1) / 2 if reg["returnStatus"] > 0
+                  else (np.array(reference.shape) - 1) / 2.0)
     levels: list[LevelResult] = []
     previous = None
     for spacing, half in zip(settings.node_spacing_px, hws):

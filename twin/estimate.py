@@ -101,6 +101,7 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
 
     ``calibrated=False`` gives the bare operation-count model (what ``benchmarks/scaling.py`` compares runs with).
     """
+    from pipeline.dic import registration_binning
     from twin.instrument import HOLOGRAM_CHUNK_BYTES
 
     nz, ny, nx = sc.volume_shape
@@ -125,9 +126,10 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
         # volume + P(Si) averaged over the planes + one plane's prediction + labels (benchmarks/bench_growth.py:
         # 2.1 float32 volumes over the input at 256³) + batch activations (~4 × base filters channels per tile pixel)
         "segmentation": n_vox * 13 + seg.batch_size * math.prod(seg.tile_shape_px) * 4 * seg.base_filters * 4 * 4,
-        # two volumes + what the correlation of one pair adds: 40 (128³ → 256³) to 54 (at 256³) bytes per voxel in
-        # benchmarks/bench_growth.py; the peak is spam's whole-volume registration (13.7 float32 volumes at 256³)
-        "dic": n_vox * (8 + 48),
+        # two volumes + what the correlation of one pair adds (benchmarks/bench_growth.py, 256³): 13.5 float32
+        # volumes when the registration runs at full resolution (spam's whole-volume registration is the peak),
+        # 5.8 when it runs binned (dic.registration_max_voxels; the texture mask is then the peak)
+        "dic": n_vox * (8 + (48 if registration_binning(sc.volume_shape, sc.dic.registration_max_voxels) == 1 else 24)),
     }
     per_node = seconds_per_node(sc, calibrated=calibrated)
     sec = {

@@ -264,6 +264,10 @@ class DIC(_Section):
     node_spacing_px: list[PositiveInt] = Field([100, 70, 35], min_length=1, description="Coarse to fine, voxels.")
     window_half_size_px: list[PositiveInt] | None = Field(None, description="Per level; default: half the node spacing.")
     registration_max_iterations: PositiveInt = 3000
+    registration_max_voxels: PositiveInt = Field(
+        2**24, description="The eye registration and spam's registration (a first guess for the LDIC) run on the pair "
+        "binned by the smallest power of 2 that leaves at most this many voxels (whole-volume registration holds ~14 "
+        "float32 volumes; binning by 8 makes that negligible at the seed's size).")
     max_iterations: PositiveInt = 3000
     delta_phi_tolerance: PositiveFloat = 1e-4
     margin_px: Annotated[int, Field(ge=1)] = Field(3, description="Search margin of the first LDIC attempt, px (spam-ldic's default);"
