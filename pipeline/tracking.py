@@ -172,6 +172,8 @@ def _read_label_image(path: Path, name: str) -> tuple[xr.DataArray, dict]:
             if name not in ds:
                 raise InputFileError(path, f"no variable {name!r} (has {sorted(ds.data_vars)})")
             return ds[name].load(), dict(ds.attrs)
+    except InputFileError:
+        raise
     except (OSError, ValueError) as exc:
         raise InputFileError(path, f"cannot read it ({type(exc).__name__}: {exc})") from None
 

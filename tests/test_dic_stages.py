@@ -233,3 +233,18 @@ def test_cli_dic_on_tiffs(run_cli, tmp_path, series):
     for name in ("phi_field.nc", "phi_field.tsv", "nodes.csv", "increment-vol-Q8.tif"):
         assert (tmp_path / "o" / name).is_file()
     assert "converged" in res.stdout
+
+
+def test_particle_labels_stage_names_a_bad_segmentation_file(tmp_path):
+    from pipeline.tracking import compute_particle_labels
+    from twin.errors import InputFileError
+
+    seg = tmp_path / "segmentation"
+    seg.mkdir()
+    xr.Dataset({"other": (("z", "y", "x"), np.zeros((4, 4, 4), np.uint8))}).to_netcdf(seg / "labels.nc", engine="h5netcdf")
+    ctx = StageContext("particle_labels", "T0", load_scenario("tiny"), tmp_path, {("segmentation", "T0"): seg}, 1, "key")
+    with pytest.raises(InputFileError, match=r"labels\.nc.*no variable 'labels'"):
+        compute_particle_labels(ctx)
+    (seg / "labels.nc").write_bytes(b"truncated")
+    with pytest.raises(InputFileError, match=r"labels\.nc.*cannot read it"):
+        compute_particle_labels(ctx)
