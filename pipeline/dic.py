@@ -172,11 +172,18 @@ def texture_mask(volume: np.ndarray, *, half_window_px: int, fraction: float = 0
     median by a thick textureless headroom. Written by hand because spam only
     masks by mean grey value or by a given mask.
     """
-    smooth = ndi.gaussian_filter(volume.astype(np.float32), 1.0)
     size = 2 * half_window_px + 1
+    # in place where possible: at most three float32 volumes at once (this is DIC's memory peak at large sizes)
+    smooth = ndi.gaussian_filter(volume, 1.0, output=np.float32)
     mean = ndi.uniform_filter(smooth, size)
-    var = np.maximum(ndi.uniform_filter(smooth * smooth, size) - mean * mean, 0)
-    std = np.sqrt(var)
+    np.multiply(smooth, smooth, out=smooth)
+    std = ndi.uniform_filter(smooth, size)
+    del smooth
+    np.multiply(mean, mean, out=mean)
+    std -= mean
+    del mean
+    np.maximum(std, 0, out=std)
+    np.sqrt(std, out=std)
     return std > fraction * np.percentile(std, 75)
 
 
@@ -257,7 +264,7 @@ def bin_volume(volume: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return volume
     nz, ny, nx = (n // factor for n in volume.shape)
-    cropped = volume[:nz * factor, :ny * factor, :nx * factor].astype(np.float32)
+    cropped = volume[:nz * factor, :ny * factor, :nx * factor].astype(np.float32, copy=False)
     return cropped.reshape(nz, factor, ny, factor, nx, factor).mean(axis=(1, 3, 5), dtype=np.float32)
 
 

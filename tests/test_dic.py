@@ -307,3 +307,20 @@ def test_failed_level_is_retried_with_the_next_margin_and_iterations():
     assert [(a["margin_px"], a["max_iterations"]) for a in level.attempts] == [(3, 1), (5, 1), (7, 300)]
     assert first["converged_fraction"] < 0.5 and second["converged_fraction"] < 0.5 <= retry["converged_fraction"]
     assert level.converged_fraction == retry["converged_fraction"]  # the better attempt is kept
+
+
+@pytest.mark.parametrize("half_window_px", [2, 4, 7])
+def test_texture_mask_equals_its_plain_formula(half_window_px):
+    """The in-place texture mask (three float32 volumes at most) against the formula written plainly."""
+    from pipeline.dic import texture_mask
+
+    rng = np.random.default_rng(half_window_px)
+    volume = (ndi.gaussian_filter(rng.standard_normal((40, 50, 60)), 2) + (rng.random((40, 50, 60)) > 0.7)).astype(np.float32)
+    volume[:, :, 40:] = 0.1  # a textureless region
+    smooth = ndi.gaussian_filter(volume, 1.0)
+    size = 2 * half_window_px + 1
+    mean = ndi.uniform_filter(smooth, size)
+    std = np.sqrt(np.maximum(ndi.uniform_filter(smooth * smooth, size) - mean * mean, 0))
+    expected = std > 0.3 * np.percentile(std, 75)
+    assert np.array_equal(texture_mask(volume, half_window_px=half_window_px), expected)
+    assert not expected[:, :, 48:].any() and expected[:, :, :30].mean() > 0.9

@@ -127,9 +127,10 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
         # 2.1 float32 volumes over the input at 256³) + batch activations (~4 × base filters channels per tile pixel)
         "segmentation": n_vox * 13 + seg.batch_size * math.prod(seg.tile_shape_px) * 4 * seg.base_filters * 4 * 4,
         # two volumes + what the correlation of one pair adds (benchmarks/bench_growth.py, 256³): 13.5 float32
-        # volumes when the registration runs at full resolution (spam's whole-volume registration is the peak),
-        # 5.8 when it runs binned (dic.registration_max_voxels; the texture mask is then the peak)
-        "dic": n_vox * (8 + (48 if registration_binning(sc.volume_shape, sc.dic.registration_max_voxels) == 1 else 24)),
+        # volumes when the registration runs at full resolution (spam's whole-volume registration is the peak);
+        # binned (dic.registration_max_voxels) 9 bytes per voxel between 128³ and 256³ over a ~240 MB floor of
+        # spam's first calls, the texture mask (3 float32 volumes at most) being the peak: 16 counted
+        "dic": n_vox * (8 + (48 if registration_binning(sc.volume_shape, sc.dic.registration_max_voxels) == 1 else 16)),
     }
     per_node = seconds_per_node(sc, calibrated=calibrated)
     sec = {
