@@ -239,6 +239,16 @@ _override_text = st.one_of(
 )
 
 
+@pytest.mark.parametrize("override, field", [
+    ("sample.voxel_size_um=1.400482128633423e-307", "sample.lateral_size_um"),  # found by the test below (was an OverflowError)
+    ("sample.lateral_size_um=1e308", "sample.lateral_size_um"),
+    ("sample.headroom_um=1e300", "sample height"),
+])
+def test_absurd_voxel_counts_are_a_scenario_error_naming_the_field(override, field):
+    with pytest.raises(ScenarioError, match=field):
+        load_scenario("tiny", [override])
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.lists(_override_text, min_size=1, max_size=3))
 def test_any_set_string_gives_a_scenario_or_a_scenario_error(overrides):
@@ -256,3 +266,17 @@ def test_scenario_reference_doc_is_up_to_date():
     generated = runpy.run_path(str(docs / "make_scenario_reference.py"))["reference_markdown"]()
     assert (docs / "scenario.md").read_text() == generated, (
         "docs/scenario.md is stale: python docs/make_scenario_reference.py > docs/scenario.md")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["sample.voxel_size_um", "sample.lateral_size_um", "sample.electrode_thickness_um",
+                        "sample.headroom_um", "sample.current_collector_thickness_um",
+                        "sample.particle_median_diameter_um", "beamline.detector_pixels"]),
+       st.floats(min_value=1e-308, max_value=1e308))
+def test_extreme_sizes_give_a_scenario_or_a_scenario_error(field, value):
+    """Sizes from 1e-308 to 1e308: a valid scenario or a validation error, never an overflow from dividing them."""
+    value = int(min(value, 2**62)) if field == "beamline.detector_pixels" else value
+    try:
+        load_scenario("tiny", [f"{field}={value!r}"])
+    except ScenarioError as exc:
+        assert exc.problems

@@ -375,10 +375,21 @@ class _CoupledProblems(ValueError):
         super().__init__("; ".join(problems))
 
 
+#: A volume side beyond this many voxels is refused (the seed's largest is 2048).
+MAX_VOXELS_PER_SIDE = 100_000
+
+
 def check_coupled(sc: Scenario) -> list[str]:
     """Second validation pass: relations between fields (each field is already valid alone)."""
     problems: list[str] = []
     s, p, d, b = sc.sample, sc.protocol, sc.dic, sc.beamline
+    # first, and alone: the checks below (and volume_shape) divide extents by the voxel size
+    height_um = s.current_collector_thickness_um + s.electrode_thickness_um + s.headroom_um
+    for name, extent in (("sample.lateral_size_um", s.lateral_size_um),
+                         ("sample height (current_collector_thickness_um + electrode_thickness_um + headroom_um)", height_um)):
+        if not extent / s.voxel_size_um <= MAX_VOXELS_PER_SIDE:
+            return [f"{name}: {extent} µm is more than {MAX_VOXELS_PER_SIDE} voxels of sample.voxel_size_um = "
+                    f"{s.voxel_size_um} µm"]
     total = s.si_mass_fraction + s.binder_mass_fraction + s.carbon_black_mass_fraction + s.swcnt_mass_fraction
     if not math.isclose(total, 1.0, abs_tol=1e-3):
         problems.append(f"sample.*_mass_fraction: must add up to 1, got {total:.4g}")
