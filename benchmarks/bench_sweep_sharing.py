@@ -4,8 +4,9 @@ Runs the sweep from an empty cache (``twin.sweep.run_sweep``, baselines off as i
 then reads every node's recorded seconds from the cache manifests:
 
 - ``sharing_ratio``: stage seconds the sweep computed ÷ the stage seconds of its points run alone (target ≤ 0.25);
-- per stage: seconds computed, seconds alone, and how many distinct nodes the points needed out of how many in
-  all, so the table shows which stages every point must recompute (those bound the ratio from below).
+- per stage (``twin.sweep.plan_sweep`` with the recorded seconds): seconds computed, seconds alone, and how many
+  distinct nodes the points needed out of how many in all, so the table shows which stages every point must
+  recompute (those bound the ratio from below).
 
 Both figures come from the same nodes of the same run, so machine load cancels out to first order.
 
@@ -18,49 +19,31 @@ import argparse
 import json
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
-from twin.runner import Runner, recorded_seconds
-from twin.stages import twin_stages
-from twin.sweep import parse_param, run_sweep
+from twin.runner import recorded_seconds
+from twin.sweep import parse_param, plan_sweep, run_sweep
 
 DELTA_BETA = "reconstruction.delta_beta=100,170,300,477,1000"
 NODE_SPACING = "dic.node_spacing_px=[12,8],[16,12],[20,16]"
+OVERRIDES = ["segmentation.baselines=[]"]
 
 
-def stage_costs(out_dir: Path) -> dict[str, dict[str, float]]:
-    """Per stage: seconds computed once per distinct node, seconds summed over the points, node counts."""
-    from twin.scenario import load_scenario
-
-    spec = json.loads((out_dir / "points.json").read_text())
-    cache = out_dir / "cache"
-    table: dict[str, dict[str, float]] = defaultdict(lambda: {"computed_s": 0.0, "alone_s": 0.0, "nodes": 0, "distinct": 0})
-    seen: set[tuple[str, str]] = set()
-    for point in spec["points"]:
-        sc = load_scenario(spec["base"], [*spec["overrides"], *(f"{k}={json.dumps(v)}" for k, v in point.items())])
-        runner = Runner(sc, twin_stages(), cache)
-        for stage, item in runner.plan([("validation", None)]):
-            key = runner.key((stage, item))
-            seconds = recorded_seconds(runner.cache.entry(stage, key))
-            row = table[stage]
-            row["alone_s"] += seconds
-            row["nodes"] += 1
-            if (stage, key) not in seen:
-                seen.add((stage, key))
-                row["computed_s"] += seconds
-                row["distinct"] += 1
-    return dict(table)
+def recorded(sc, runner, stage: str, key: str) -> float:
+    """The seconds a finished node recorded in its manifest."""
+    return recorded_seconds(runner.cache.entry(stage, key))
 
 
 def main(scenario: str = "tiny", out: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(out) if out else Path(tmp) / "sweep"
         start = time.perf_counter()
-        ds = run_sweep(scenario, [parse_param(DELTA_BETA), parse_param(NODE_SPACING)], out_dir,
-                       overrides=["segmentation.baselines=[]"])
+        params = [parse_param(DELTA_BETA), parse_param(NODE_SPACING)]
+        ds = run_sweep(scenario, params, out_dir, overrides=OVERRIDES)
         wall = time.perf_counter() - start
-        stages = stage_costs(out_dir)
+        plan = plan_sweep(scenario, params, out_dir, overrides=OVERRIDES, cost=recorded)
+    stages = {name: {"computed_s": r.seconds_distinct, "alone_s": r.seconds_alone, "nodes": r.nodes, "distinct": r.distinct}
+              for name, r in plan.items()}
     computed = sum(r["computed_s"] for r in stages.values())
     alone = sum(r["alone_s"] for r in stages.values())
     result = {"scenario": scenario, "points": int(ds.attrs["n_points"]), "wall_s": wall,

@@ -467,8 +467,9 @@ def correlate_pair(reference: np.ndarray, deformed: np.ndarray, settings: DICSet
     shift = eye_registration(*binned)
     phi_eye = np.eye(4)
     phi_eye[:3, 3] = shift
-    reg = register(*binned, bin_volume(mask.astype(np.float32), factor) > 0.5, settings, phi_init=phi_eye)
-    del binned
+    reg_mask = mask if factor == 1 else bin_volume(mask.astype(np.float32), factor) > 0.5
+    reg = register(*binned, reg_mask, settings, phi_init=phi_eye)
+    del binned, reg_mask
     # on the full grid: the same F, translation × factor, about the binned centre's full-resolution position
     reg_phi = reg["Phi"].copy() if reg["returnStatus"] > 0 else phi_eye  # a diverged registration is not trusted
     reg_phi[:3, 3] *= factor

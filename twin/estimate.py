@@ -102,7 +102,7 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
     ``calibrated=False`` gives the bare operation-count model (what ``benchmarks/scaling.py`` compares runs with).
     """
     from pipeline.dic import registration_binning
-    from twin.instrument import HOLOGRAM_CHUNK_BYTES
+    from twin.instrument import HOLOGRAM_CHUNK_BYTES, hologram_bytes_per_angle
 
     nz, ny, nx = sc.volume_shape
     n_vox = nz * ny * nx
@@ -120,7 +120,8 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
         "truth": n_vox * 24,
         # δ, β volumes + one chunk of angles' images (streamed to scan.nx: twin.instrument.HOLOGRAM_CHUNK_BYTES)
         # + the padded complex64 spectrum and wave of the projection being propagated
-        "holograms": n_vox * 8 + min(HOLOGRAM_CHUNK_BYTES, b.n_projections * (2 + 2 * n_dist) * det_px * 4) + padded * 8 * 2,
+        "holograms": n_vox * 8 + min(HOLOGRAM_CHUNK_BYTES, b.n_projections * hologram_bytes_per_angle(n_dist, det_px))
+        + padded * 8 * 2,
         # flats/darks + phase-retrieved slab + output volume (f4) + a slab of sinograms
         "reconstruction": n_vox * 4 * 2 + (b.n_flats + b.n_darks) * det_px * 4 + b.n_projections * b.detector_pixels * 64 * 4,
         # volume + P(Si) averaged over the planes + one plane's prediction + labels (benchmarks/bench_growth.py:

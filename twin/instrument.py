@@ -72,6 +72,12 @@ PROJECTION, FLAT, DARK = 0, 1, 2
 HOLOGRAM_CHUNK_BYTES = 1 << 30
 
 
+def hologram_bytes_per_angle(n_distances: int, detector_pixels: int) -> int:
+    """Working images of one projection angle while simulating: the two path stacks and, per distance, the
+    intensities and the frames (float32), bytes."""
+    return (2 + 2 * n_distances) * detector_pixels * 4
+
+
 def wavelength_m(energy_kev: float) -> float:
     """X-ray wavelength λ = hc/E, m."""
     return 1.239841984e-6 / (energy_kev * 1e3)
@@ -383,8 +389,7 @@ class Instrument:
     def angles_per_chunk(self) -> int:
         """Projection angles simulated at once: as many as fit ``HOLOGRAM_CHUNK_BYTES`` of working images (the
         two path stacks, and per distance its intensities and frames), at least one."""
-        g = self.geometry
-        per_angle = (2 + 2 * len(self.propagators)) * g.n_rows * g.n_columns * 4
+        per_angle = hologram_bytes_per_angle(len(self.propagators), self.geometry.n_rows * self.geometry.n_columns)
         return int(min(self.scenario.beamline.n_projections, max(1, HOLOGRAM_CHUNK_BYTES // per_angle)))
 
     def frame_chunks(self, delta: np.ndarray, beta: np.ndarray, *, rng: np.random.Generator,

@@ -126,25 +126,36 @@ def _point_scenarios(base: str | Path, params: Sequence[Param], overrides: Seque
 @dataclass
 class StagePlan:
     """What one stage of a sweep costs: nodes its points need (summed), distinct ones, those already cached, and the
-    modelled one-core seconds of the distinct uncached nodes and of every needed node (the points run alone)."""
+    one-core seconds of the distinct uncached nodes, of every distinct node, and of every needed node (the points
+    run alone)."""
 
     nodes: int = 0
     distinct: int = 0
     cached: int = 0
     seconds: float = 0.0
+    seconds_distinct: float = 0.0
     seconds_alone: float = 0.0
     modelled: bool = True
 
 
+def modelled_seconds(sc: Scenario, runner: Runner, stage: str, key: str) -> float | None:
+    """A node's one-core seconds by the calibrated cost model (:func:`twin.estimate.seconds_per_node`); None for a
+    stage it does not model."""
+    from twin.estimate import seconds_per_node
+
+    return seconds_per_node(sc).get(stage)
+
+
 def plan_sweep(base: str | Path, params: Sequence[Param], out_dir: Path, *, overrides: Sequence[str] = (),
-               samples: int | None = None) -> dict[str, StagePlan]:
+               samples: int | None = None, cost: Callable[[Scenario, Runner, str, str], float | None] = modelled_seconds,
+               ) -> dict[str, StagePlan]:
     """What a sweep would compute, before computing it: per stage, a :class:`StagePlan`.
 
     Node keys come from the DAG as :func:`run_sweep` computes them, so the plan shows exactly which nodes the points
-    share; seconds come from the calibrated cost model (:func:`twin.estimate.seconds_per_node`; stages it does not
-    model count 0 and say so). Only the rehearsal runs (into ``out_dir``'s cache): its schedule lists the scans.
+    share; seconds come from ``cost(scenario, runner, stage, key)``: by default the calibrated cost model (stages it
+    does not model count 0 and say so); ``benchmarks/bench_sweep_sharing.py`` passes the seconds a finished sweep
+    recorded. Only the rehearsal runs (into ``out_dir``'s cache): its schedule lists the scans.
     """
-    from twin.estimate import seconds_per_node
     from twin.runner import MANIFEST
     from twin.stages import twin_stages
 
@@ -154,20 +165,22 @@ def plan_sweep(base: str | Path, params: Sequence[Param], out_dir: Path, *, over
     seen: set[tuple[str, str]] = set()
     for sc in scenarios:
         runner = Runner(sc, twin_stages(), cache_dir)
-        cost = seconds_per_node(sc)
         for stage, item in runner.plan([("validation", None)]):
             key = runner.key((stage, item))
-            row = plan.setdefault(stage, StagePlan(modelled=stage in cost))
+            seconds = cost(sc, runner, stage, key)
+            row = plan.setdefault(stage, StagePlan(modelled=seconds is not None))
+            seconds = seconds or 0.0
             row.nodes += 1
-            row.seconds_alone += cost.get(stage, 0.0)
+            row.seconds_alone += seconds
             if (stage, key) in seen:
                 continue
             seen.add((stage, key))
             row.distinct += 1
+            row.seconds_distinct += seconds
             if (runner.cache.entry(stage, key) / MANIFEST).is_file():
                 row.cached += 1
             else:
-                row.seconds += cost.get(stage, 0.0)
+                row.seconds += seconds
     return plan
 
 
