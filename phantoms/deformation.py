@@ -56,7 +56,7 @@ log = logging.getLogger("phantoms.deformation")
 
 SUPPORT = 2.5  # swelling kernels reach SUPPORT × R: wide enough to fold nowhere for (1 + a)³ up to ~4
 NEWTON_TOL_VOX = 1e-6
-SLAB_VOXELS = 1 << 20  # voxels per slab of the warp (its inverse coordinates: 24 bytes per voxel)
+SLAB_VOXELS = 1 << 19  # voxels per slab of the grid passes (the warp's inverse coordinates: 24 bytes per voxel)
 
 
 def _smoothstep(s):
@@ -233,7 +233,7 @@ class Deformation:
                           1.0 / np.concatenate([self.swell_radius, self.bump_radius]),
                           np.concatenate([self.swell_amplitude, np.zeros(len(self.bump_radius))]),
                           np.concatenate([np.zeros((len(self.swell_radius), 3)), self.bump_vector]),
-                          self._support, SUPPORT - 1.0, *hashed)
+                          self._support, 1.0 / (SUPPORT - 1.0), hashed[0], 1.0 / hashed[1], *hashed[2:])
         return self._hash
 
     def _outer_params(self, inverse: bool):
@@ -344,20 +344,35 @@ class Deformation:
         ------
         FoldingError
             When det F ≤ 0 at some voxel (with its position and value); slabs after it are not computed.
+            Every second voxel is checked first (an eighth of the work), so most folds are refused before
+            the full pass; a fold between those voxels is found by the full pass.
         """
-        out = np.empty((3,) + self.shape, np.float32) if out is None else out
         kern, outer = self._kern(), self._outer_params(False)
+        if check:  # every 2nd voxel first: a folding field (the truth's retries) is refused at an eighth of the cost
+            nz, ny, nx = self.shape
+            coarse = (-(-nz // 2), -(-ny // 2), -(-nx // 2))
+            step = max(1, SLAB_VOXELS // (coarse[1] * coarse[2]))
+            scratch = np.empty((3, step) + coarse[1:], np.float32)
+            for z0 in range(0, coarse[0], step):
+                slab = scratch[:, :min(step, coarse[0] - z0)]
+                self._refuse_fold(compiled.displacement_slab(z0, 2, slab, kern, outer, True), z0, 2, slab.shape[1:])
+        out = np.empty((3,) + self.shape, np.float32) if out is None else out
         for z0, z1 in self._slabs():
             slab = out[:, z0:z1] if isinstance(out, np.ndarray) else np.empty((3, z1 - z0) + self.shape[1:], np.float32)
-            det, at = compiled.displacement_slab(z0, slab, kern, outer, check)
-            if check and det <= 0:
-                z, y, x = np.unravel_index(at, slab.shape[1:])
-                raise FoldingError(
-                    f"deformation folds: det F = {det:.3g} at voxel (z, y, x) = {(int(z) + z0, int(y), int(x))}; reduce "
-                    f"sample.prescribed_bumps / sample.prescribed_deformation_gradient / sample.lithiated_volume_expansion")
+            self._refuse_fold(compiled.displacement_slab(z0, 1, slab, kern, outer, check), z0, 1, slab.shape[1:])
             if not isinstance(out, np.ndarray):
                 out[:, z0:z1] = slab
         return out
+
+    @staticmethod
+    def _refuse_fold(result, z0: int, stride: int, slab_shape) -> None:
+        """Raise FoldingError if a grid pass (:func:`phantoms._kernels.displacement_slab`) found det F ≤ 0."""
+        det, at = result
+        if det <= 0:
+            z, y, x = (int(i) * stride for i in np.unravel_index(at, slab_shape))
+            raise FoldingError(
+                f"deformation folds: det F = {det:.3g} at voxel (z, y, x) = {(z + z0 * stride, y, x)}; reduce "
+                f"sample.prescribed_bumps / sample.prescribed_deformation_gradient / sample.lithiated_volume_expansion")
 
     def _slabs(self):
         """(z0, z1) of the slabs of ~SLAB_VOXELS voxels the grid passes go by (bounding their work arrays)."""
@@ -375,9 +390,9 @@ class Deformation:
             name → (reference volume (z, y, x), interpolation order: 0 for labels, 1 for fields; higher
             orders go through ``scipy.ndimage.map_coordinates``).
         derived
-            name → (sampler, dtype): fields not held as volumes; ``sampler(coords, dest)`` writes the
-            field at reference coordinates (3, n) into ``dest`` (n,) (the truth's δ and β are evaluated
-            from phase, x and CBD porosity where they are sampled).
+            (name, …) → (sampler, dtype): fields not held as volumes; ``sampler(coords, dest, …)`` writes
+            the fields at reference coordinates (3, n) into one ``dest`` (n,) per name, in one pass (the
+            truth's δ and β are evaluated together from phase, x and CBD porosity where they are sampled).
         out
             name → where to write the warped volume (anything that takes ``out[name][z0:z1] = slab``:
             an h5py / h5netcdf variable streams it to disk); default new arrays of the volumes' dtypes.
@@ -391,7 +406,7 @@ class Deformation:
         derived = derived or {}
         if out is None:
             out = {name: np.empty(self.shape, v.dtype) for name, (v, _) in volumes.items()}
-            out.update({name: np.empty(self.shape, dtype) for name, (_, dtype) in derived.items()})
+            out.update({name: np.empty(self.shape, dtype) for names, (_, dtype) in derived.items() for name in names})
         kern, outer = self._kern(), self._outer_params(True)
         nz, ny, nx = self.shape
         # φ⁻¹ on every 2nd voxel first: interpolated, it starts each voxel's Newton iterations ~1e-3 voxel away
@@ -412,12 +427,13 @@ class Deformation:
                     dest[...] = ndimage.map_coordinates(v, X, order=order, mode="nearest")
                 if not isinstance(target, np.ndarray):
                     target[z0:z1] = dest
-            for name, (sampler, dtype) in derived.items():
-                target = out[name]
-                dest = target[z0:z1] if isinstance(target, np.ndarray) else np.empty(X.shape[1:], dtype)
-                sampler(coords, dest.reshape(-1))
-                if not isinstance(target, np.ndarray):
-                    target[z0:z1] = dest
+            for names, (sampler, dtype) in derived.items():
+                targets = [out[name] for name in names]
+                dests = [t[z0:z1] if isinstance(t, np.ndarray) else np.empty(X.shape[1:], dtype) for t in targets]
+                sampler(coords, *(dest.reshape(-1) for dest in dests))
+                for target, dest in zip(targets, dests):
+                    if not isinstance(target, np.ndarray):
+                        target[z0:z1] = dest
         return out
 
     @staticmethod

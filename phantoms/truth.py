@@ -145,7 +145,7 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     Returns
     -------
     dict with ``phase`` (uint8), ``lithiation`` (float32 x), ``optics`` (:class:`OpticsRules`: δ, β of
-    every voxel from these, evaluated where sampled; ``.volume(0)`` gives δ as a volume), ``volume_ratio`` (J per particle, rows of ``ms.particles``), ``measured_fraction`` (mean x / 3.75
+    every voxel from these, evaluated where sampled; ``.volumes()`` gives δ and β as volumes), ``volume_ratio`` (J per particle, rows of ``ms.particles``), ``measured_fraction`` (mean x / 3.75
     per particle), ``bubble`` (centre, seed radius in voxels) or None.
     """
     a = ms.voxel_size_um
@@ -220,7 +220,6 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
                                    minlength=per_plane.size) / plane
     J = J_sum[ids] / np.maximum(counts[ids], 1)
     measured = x_sum[ids] / np.maximum(counts[ids], 1)
-    # δ and β are not held: OpticsRules evaluates them from phase, x and CBD porosity where the warp samples
     # δ and β are not held: the rules evaluate them from phase, x and CBD porosity where the warp samples
     rules = OpticsRules.of(oc, phase, x, ms.cbd_porosity, sei_partial,
                            sample.sei_thickness_um / a if sei_partial is not None else 0.0)
@@ -259,22 +258,23 @@ class OpticsRules:
                            oc.phase_beta[Phase.SI_CRYSTALLINE], *at_0, oc.phase_delta[Phase.SEI], oc.phase_beta[Phase.SEI],
                            sei_weight])
         partial = sei_partial if sei_partial is not None else np.zeros((0, 0, 0), bool)
+        if not np.allclose(np.diff(oc.lixsi_x), oc.lixsi_x[1] - oc.lixsi_x[0]):
+            raise ValueError("OpticsRules: the LixSi table must be on equally spaced x (it is indexed, not searched)")
         return cls(lut, np.column_stack([oc.lixsi_x, oc.lixsi_delta, oc.lixsi_beta]).astype(float), consts, phase,
                    lithiation, porosity, partial)
 
-    def sampler(self, column: int):
-        """``sampler(coords, dest)`` for :meth:`Deformation.warp`: trilinear δ (column 0) or β (1) at coords."""
-        def sample(coords, dest):
-            compiled.sample_optics(self.phase, self.lithiation, self.porosity, self.partial, self.lut, self.lixsi,
-                                   self.consts, column, coords, dest)
-        return sample
+    def sample(self, coords: np.ndarray, delta: np.ndarray, beta: np.ndarray) -> None:
+        """Trilinear δ and β at reference coordinates ``coords`` (3, n) into ``delta``, ``beta`` (n,), in one pass
+        (a sampler of :meth:`Deformation.warp`'s ``derived``)."""
+        compiled.sample_optics(self.phase, self.lithiation, self.porosity, self.partial, self.lut, self.lixsi,
+                               self.consts, coords, delta, beta)
 
-    def volume(self, column: int) -> np.ndarray:
-        """The whole reference volume of δ (0) or β (1), float32 (for tests and pictures; the truth never holds it)."""
+    def volumes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole reference volumes of δ and β, float32 (for tests and pictures; the truth never holds them)."""
         coords = np.indices(self.phase.shape, dtype=np.float64).reshape(3, -1)
-        out = np.empty(coords.shape[1], np.float32)
-        self.sampler(column)(coords, out)
-        return out.reshape(self.phase.shape)
+        delta, beta = (np.empty(coords.shape[1], np.float32) for _ in range(2))
+        self.sample(coords, delta, beta)
+        return delta.reshape(self.phase.shape), beta.reshape(self.phase.shape)
 
 
 def _within_distance(mask: np.ndarray, distance_vox: float) -> np.ndarray:
@@ -464,7 +464,7 @@ def _scan_truth(ms: Microstructure, sample, energy_kev, fractions, max_fractions
                       f"{swelling_scale:.3g}", TwinWarning, stacklevel=3)
     rules = state["optics"]
     deformation.warp({"phase": (state["phase"], 0), "particle": (ms.particle, 0), "lithiation": (state["lithiation"], 1)},
-                     out=out, derived={"delta": (rules.sampler(0), np.float32), "beta": (rules.sampler(1), np.float32)})
+                     out=out, derived={("delta", "beta"): (rules.sample, np.float32)})
     a = ms.voxel_size_um
     attrs = {"voxel_size_um": a, "energy_kev": energy_kev, "mechanism": sample.mechanism, "seed": int(seed),
              "scan": scan, "local_swelling_scale": swelling_scale, "z_cu_voxel": ms.z_cu, "z_top_voxel": ms.z_top}
