@@ -14,7 +14,8 @@ methods are the reference, tested equal to these), evaluated point by point:
   and 1 with ``mode="nearest"``.
 
 Grid kernels run rows of a slab in parallel (``prange``; numba's OpenMP/TBB
-layers are thread-safe).
+layers are thread-safe) and release the GIL, so a writer thread compresses the
+previous slab meanwhile (:class:`twin.io.WriteBehind`).
 
 ``kern`` below is the tuple (n_swell, centres, 1 / radii, amps, vectors, supports,
 1 / transition, origin, 1 / h, dims, starts, order) that :meth:`Deformation._kern`
@@ -122,7 +123,7 @@ def _kernel_sum(p0, p1, p2, n_swell, centres, inv_radii, amps, vectors, supports
     return u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def sum_kernels(P, kern, gradient):
     """Σ u_k (n, 3) and Σ ∇u_k (n, 3, 3) at points P (n, 3)."""
     n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims, starts, order = kern
@@ -172,7 +173,7 @@ def _det3(F00, F01, F02, F10, F11, F12, F20, F21, F22):
     return F00 * (F11 * F22 - F12 * F21) - F01 * (F10 * F22 - F12 * F20) + F02 * (F10 * F21 - F11 * F20)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def displacement_slab(z0, stride, out, kern, outer, check):
     """u = φ(X) − X (voxels) at the grid points X = (z0 + i, j, k)·stride into out (3, nzs, ny, nx) float32.
 
@@ -218,7 +219,7 @@ def _trilinear(v, z0, z1, y0, y1, x0, x1, fz, fy, fx):
     return a * (1 - fz) + b * fz
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def inverse_slab(z0, stride, X, guess, kern, outer, tol):
     """φ⁻¹(x) (voxels) at the grid points x = (z0 + i, j, k)·stride into X (3, nzs, ny, nx) float64.
 
@@ -296,7 +297,7 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
     return worst.max(), iterations.sum()
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def sample_nearest(volume, coords, out):
     """out[i] = volume at the voxel nearest coords[:, i] (clamped to the volume: mode "nearest")."""
     nz, ny, nx = volume.shape
@@ -314,7 +315,7 @@ def _cell(c, n):
     return i, min(i + 1, n - 1), c - i
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def sample_linear(volume, coords, out):
     """out[i] = trilinear interpolation of volume at coords[:, i], coordinates clamped (mode "nearest")."""
     nz, ny, nx = volume.shape
@@ -362,7 +363,7 @@ def _optics_at(z, y, x, phase, lith, porosity, partial, lut, lixsi, consts):
     return delta, beta
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def sample_optics(phase, lith, porosity, partial, lut, lixsi, consts, coords, out_delta, out_beta):
     """out_delta[i], out_beta[i] = trilinear interpolation at coords[:, i] of δ and β evaluated per voxel by
     :func:`_optics_at` (coordinates clamped: mode "nearest"). ``partial``: bool volume, or shape (0, 0, 0)."""

@@ -338,7 +338,8 @@ class Deformation:
             Evaluate det F at every voxel and refuse a fold.
         out
             Where to write u: anything that takes ``out[:, z0:z1] = slab`` (an h5py / h5netcdf
-            variable streams it to disk); default a new array, returned.
+            variable streams it to disk; each slab is a fresh array, which a
+            :class:`twin.io.WriteBehind` target may hold); default a new array, returned.
 
         Raises
         ------
@@ -395,7 +396,8 @@ class Deformation:
             truth's δ and β are evaluated together from phase, x and CBD porosity where they are sampled).
         out
             name → where to write the warped volume (anything that takes ``out[name][z0:z1] = slab``:
-            an h5py / h5netcdf variable streams it to disk); default new arrays of the volumes' dtypes.
+            an h5py / h5netcdf variable streams it to disk; each slab is a fresh array); default new arrays
+            of the volumes' dtypes.
 
         Notes
         -----

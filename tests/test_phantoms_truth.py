@@ -162,9 +162,10 @@ def test_folding_particle_swelling_is_damped_and_the_truth_is_the_field_applied(
     assert np.array_equal(Deformation.from_dict(deformation.to_dict()).displacement_field(check=False), u)
 
 
-def test_streamed_truth_file_is_the_in_memory_dataset_written(tmp_path):
-    """write_truth (slab by slab into phantom.nc, a fold retry included) gives the file write_netcdf writes of
-    truth_for_scan's Dataset: the same variables, values, attributes and coordinates; a failure leaves no file."""
+def test_streamed_truth_file_is_the_in_memory_dataset_written(tmp_path, monkeypatch):
+    """write_truth (slab by slab into phantom.nc, a fold retry included, the planes compressed by the write-behind
+    thread) gives the file write_netcdf writes of truth_for_scan's Dataset: the same variables, values, attributes
+    and coordinates; a failure (a fold, the disk full in the writer thread) leaves no file."""
     from phantoms.deformation import FoldingError
     from phantoms.microstructure import generate_microstructure
     from phantoms.truth import truth_for_scan, write_truth
@@ -185,6 +186,13 @@ def test_streamed_truth_file_is_the_in_memory_dataset_written(tmp_path):
     bad = sc.sample.model_copy(update={"prescribed_bumps": [[8.0, 12.8, 12.8, 1.0, 8.0, 0.0, 0.0]]})
     with pytest.raises(FoldingError):
         write_truth(ms, bad, 29.6, f, f, scan="T1", scan_index=1, seed=3, path=tmp_path / "folded.nc")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("twin.io._store", disk_full)
+    with pytest.warns(TwinWarning), pytest.raises(OSError, match="No space left"):
+        write_truth(ms, sc.sample, 29.6, f, f, scan="T1", scan_index=1, seed=3, path=tmp_path / "full.nc")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.nc", "phantom.nc"]
 
 

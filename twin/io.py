@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +59,111 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+class WriteBehind:
+    """Writes into array-like targets (h5py / h5netcdf variables) done in order by one background thread.
+
+    HDF5's gzip runs on one core; a producer whose work releases the GIL (the phantom's compiled
+    passes do) computes the next slab meanwhile. ``behind.into(target)`` takes ``obj[key] = value`` as
+    ``target`` does; the value is written later, so the caller must not change it afterwards (give
+    fresh arrays). At most ``max_pending`` writes wait, holding their arrays. Leaving the ``with``
+    waits for every write and raises the thread's first error (e.g. the disk is full); a write
+    queued after that error raises it at once. On an error in the ``with`` body, writes still
+    waiting are dropped (the file is being abandoned).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> target = np.zeros(4)
+    >>> with WriteBehind() as behind:
+    ...     behind.into(target)[1:3] = np.ones(2)
+    >>> target
+    array([0., 1., 1., 0.])
+    """
+
+    def __init__(self, max_pending: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._abandon = False
+        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+
+    def __enter__(self) -> WriteBehind:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._abandon = exc_type is not None
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None and not self._abandon:
+                try:
+                    _store(*item)
+                except BaseException as err:  # noqa: BLE001 - handed to the producer
+                    self._error = err
+
+    def into(self, target) -> _Behind:
+        """A stand-in for ``target`` whose item assignments are queued."""
+        return _Behind(self, target)
+
+    def _put(self, target, key, value) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((target, key, value))
+
+
+def _store(target, key, value) -> None:
+    """``target[key] = value``; whole planes of a dataset chunked by planes with shuffle + gzip are filtered
+    here and written as raw chunks: h5py holds the GIL through HDF5's filters, ``zlib`` releases it, so
+    the producer runs meanwhile. The bytes are those HDF5's filters make (shuffle, then deflate at the
+    dataset's level), which any reader decodes."""
+    import numpy as np
+
+    dataset = getattr(target, "_h5ds", target)  # an h5netcdf variable's h5py dataset
+    starts = _plane_starts(dataset, key, np.shape(value))
+    if starts is None:
+        target[key] = value
+        return
+    import zlib
+
+    value = np.ascontiguousarray(value, dtype=dataset.dtype)
+    planes = value.reshape(-1, *value.shape[-2:])
+    for offset, plane in zip(starts, planes):
+        shuffled = plane.reshape(-1).view(np.uint8).reshape(-1, dataset.dtype.itemsize).T.tobytes()
+        dataset.id.write_direct_chunk(offset, zlib.compress(shuffled, dataset.compression_opts))
+
+
+def _plane_starts(dataset, key, shape) -> list[tuple[int, ...]] | None:
+    """Chunk offsets of the planes ``dataset[key]`` covers, when the write is whole shuffle + gzip plane chunks
+    of an h5py dataset; otherwise None (an ordinary write)."""
+    import numpy as np
+
+    ds_shape = getattr(dataset, "shape", None)
+    if (getattr(dataset, "id", None) is None or not hasattr(dataset.id, "write_direct_chunk")
+            or dataset.compression != "gzip" or not dataset.shuffle or dataset.fletcher32
+            or dataset.scaleoffset is not None or dataset.chunks != (1,) * (len(ds_shape) - 2) + tuple(ds_shape[-2:])):
+        return None
+    key = key if isinstance(key, tuple) else (key,)
+    if len(key) > len(ds_shape) or not all(isinstance(k, slice) and k.step in (None, 1) for k in key):
+        return None
+    key = key + (slice(None),) * (len(ds_shape) - len(key))
+    ranges = [range(*k.indices(n)) for k, n in zip(key, ds_shape)]
+    if tuple(len(r) for r in ranges) != tuple(shape) or any(len(r) != n for r, n in zip(ranges[-2:], ds_shape[-2:])):
+        return None
+    return [tuple(int(r[i]) for r, i in zip(ranges, idx)) + (0, 0) for idx in np.ndindex(*shape[:-2])]
+
+
+class _Behind:
+    def __init__(self, behind: WriteBehind, target):
+        self._behind, self._target = behind, target
+
+    def __setitem__(self, key, value) -> None:
+        self._behind._put(self._target, key, value)
 
 
 def write_netcdf(dataset, path: str | Path, *, compress: bool = True) -> Path:
