@@ -29,9 +29,10 @@ _S_PER_UNET_PIXEL_EPOCH = 4e-6  # forward+backward per pixel per epoch at 16 bas
 # 10 scans; this 2-core machine, partly loaded, 2026-11-26; `python benchmarks/scaling.py RUN_DIR`): what the
 # counts above leave out (I/O, checksums, Python per slice and per node, padding, retries, TensorFlow start-up).
 # Stages whose time grows slower than their size (segmentation, DIC: exponent ~0.6 from tiny to quickstart)
-# are overestimated at larger sizes by these factors; see docs/scaling.md. truth: re-measured after the compiled
-# phantom kernels (`twin phantom quickstart --scan Ti` for the 10 scans, 54.9 s).
-_MEASURED_OVER_MODEL = {"truth": 7.4, "holograms": 10.6, "reconstruction": 5.9, "segmentation": 11.6, "dic": 6.6}
+# are overestimated at larger sizes by these factors; see docs/scaling.md. truth: re-measured 2026-11-27 after the
+# one-pass optics, coarse fold check and write-behind gzip (`twin phantom quickstart --scan Ti` for the 10 scans:
+# the truth nodes' seconds sum to 36.5 s; 54.9 s before).
+_MEASURED_OVER_MODEL = {"truth": 4.9, "holograms": 10.6, "reconstruction": 5.9, "segmentation": 11.6, "dic": 6.6}
 
 
 @dataclass
