@@ -145,7 +145,8 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
     Returns
     -------
     dict with ``phase`` (uint8), ``lithiation`` (float32 x), ``optics`` (:class:`OpticsRules`: δ, β of
-    every voxel from these, evaluated where sampled; ``.volumes()`` gives δ and β as volumes), ``volume_ratio`` (J per particle, rows of ``ms.particles``), ``measured_fraction`` (mean x / 3.75
+    every voxel from these, evaluated where sampled; ``.volumes()`` gives δ and β as volumes),
+    ``volume_ratio`` (J per particle, rows of ``ms.particles``), ``measured_fraction`` (mean x / 3.75
     per particle), ``bubble`` (centre, seed radius in voxels) or None.
     """
     a = ms.voxel_size_um

@@ -12,7 +12,8 @@ file, so readers can take slabs with ``xarray.open_dataset(..., chunks=...)``.
 
 Every writer goes through :func:`atomic_path`: the file appears under its name
 only once it is complete, so an interrupted run never leaves a half-written
-file that looks valid.
+file that looks valid. :class:`WriteBehind` moves a streamed file's compression
+onto a background thread while the producer computes.
 """
 
 from __future__ import annotations
