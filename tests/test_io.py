@@ -1,5 +1,7 @@
 """twin.io's write-behind: planes compressed outside HDF5 decode to what was written, errors reach the producer."""
 
+import time
+
 import h5netcdf
 import numpy as np
 import pytest
@@ -52,12 +54,15 @@ def test_write_behind_hands_the_writers_error_to_the_producer():
             raise OSError(28, "No space left on device")
 
     sink = np.zeros(3)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="No space"):  # on leaving the ``with``
         with WriteBehind() as behind:
             behind.into(Full())[0] = 1.0
-            for _ in range(100):  # one of these meets the error (the thread takes ms at most)
+            deadline = time.monotonic() + 30
+            while behind._error is None and time.monotonic() < deadline:  # the thread has met it
+                time.sleep(0.001)
+            with pytest.raises(OSError, match="No space"):  # and at the next write, which is not queued
                 behind.into(sink)[1] = 2.0
-                behind._thread.join(0.01)
+    assert sink[1] == 0.0
     with pytest.raises(OSError, match="No space"):
         with WriteBehind() as behind:
             behind.into(Full())[0] = 1.0
