@@ -13,7 +13,11 @@ handles the problems found in spam 0.9.1 (each checked here, see
   be opened at all inside a daemonic Dask worker. With one process (or inside
   a daemonic process) :func:`spam_call` swaps the ``multiprocessing`` name in
   spam's modules for :class:`_SerialPool`, which runs the same per-node
-  closures in this process: identical results, no fork.
+  closures in this process: identical results, no fork. With more processes
+  it swaps in :class:`_WatchedPool`, which forks as spam expects but
+  notices a worker that dies (killed, out of memory): ``multiprocessing.Pool``
+  waits forever for the task such a worker held, which hung a sweep once. The
+  tasks the dead worker took are computed again in this process.
 * spam prints rich progress bars and tables to stdout; :func:`spam_call`
   captures them (they are logged at DEBUG level), keeping our logs and CLI
   output clean.
@@ -43,6 +47,8 @@ import os
 import sys
 import types
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -90,7 +96,54 @@ class _SerialPool:
         return None
 
 
+class _WatchedPool:
+    """Drop-in for spam's ``multiprocessing.Pool`` on a forking ``ProcessPoolExecutor``.
+
+    ``multiprocessing.Pool`` replaces a worker that dies but loses the task it
+    held, so ``imap_unordered`` never returns. The executor instead marks
+    every unfinished task broken; those tasks are then computed here, in this
+    process, by the same closure (spam publishes it as a module global before
+    opening the pool, so this process has it too): the results are those of
+    an undisturbed pool.
+    """
+
+    def __init__(self, processes: int | None = None, *args, **kwargs):
+        self.processes = processes or os.cpu_count() or 1
+        self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("fork"))
+
+    def __enter__(self) -> _WatchedPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def imap_unordered(self, function, iterable, chunksize: int = 1):
+        """The only Pool method spam 0.9.1 calls."""
+        items = list(iterable)
+        futures = {self._executor.submit(function, item): i for i, item in enumerate(items)}
+        lost = []
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                lost.append(futures[future])
+                continue
+            yield result
+        if lost:
+            log.warning("a spam pool worker died (killed or out of memory?): computing its %d unfinished "
+                        "task(s) of %d in this process", len(lost), len(items))
+            for i in sorted(lost):
+                yield function(items[i])
+
+    def close(self) -> None:
+        return None
+
+    def join(self) -> None:
+        return None
+
+
 _SERIAL_MULTIPROCESSING = types.SimpleNamespace(Pool=_SerialPool, cpu_count=lambda: 1)
+_WATCHED_MULTIPROCESSING = types.SimpleNamespace(Pool=_WatchedPool, cpu_count=multiprocessing.cpu_count)
 
 
 def resolve_processes(requested: int | None) -> int:
@@ -119,11 +172,11 @@ def spam_call(processes: int, what: str) -> Iterator[None]:
     """
     _import_spam()
     saved = {}
-    if processes <= 1:
-        for name in _POOL_MODULES:
-            module = sys.modules[name]
-            saved[name] = module.multiprocessing
-            module.multiprocessing = _SERIAL_MULTIPROCESSING
+    pool = _SERIAL_MULTIPROCESSING if processes <= 1 else _WATCHED_MULTIPROCESSING
+    for name in _POOL_MODULES:
+        module = sys.modules[name]
+        saved[name] = module.multiprocessing
+        module.multiprocessing = pool
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):

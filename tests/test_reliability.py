@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -147,3 +148,76 @@ def test_disk_full_in_an_atomic_write_leaves_neither_file_nor_temporary(tmp_path
             tmp.write_text("new, half written")
             _disk_full()
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def _square_or_die(i: int) -> int:
+    """i², except that task 3 kills the pool worker that runs it (only in a forked worker)."""
+    if i == 3 and multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i * i
+
+
+def test_a_spam_pool_worker_that_dies_loses_no_task(caplog):
+    from pipeline._spam_compat import _WatchedPool
+
+    with _WatchedPool(2) as pool:
+        results = sorted(pool.imap_unordered(_square_or_die, range(12)))
+    assert results == [i * i for i in range(12)]
+    assert "spam pool worker died" in caplog.text
+
+
+_KILLED_LDIC_SCRIPT = """
+import multiprocessing, os, signal, sys, threading, time
+sys.path.insert(0, {tests!r})
+import numpy as np, scipy.ndimage as ndi
+import spam.DIC
+from pipeline.dic import make_grid
+from pipeline._spam_compat import spam_call
+from test_dic import texture
+
+reference = texture((40, 40, 40), np.random.default_rng(1))
+points = np.indices(reference.shape).astype(float)
+points[0] += 1.3 + 0.02 * points[0]
+deformed = ndi.map_coordinates(reference, points, order=3).astype(np.float32)
+nodes, _ = make_grid(reference.shape, 4, 5)
+killed = []
+
+def kill_a_worker():
+    while not killed:
+        workers = multiprocessing.active_children()
+        if workers:
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed.append(workers[0].pid)
+        time.sleep(0.005)
+
+def ldic(processes):
+    with spam_call(processes, "ldic"):
+        return spam.DIC.ldic(reference, deformed, nodes, [5] * 3, processes=processes, margin=[-3, 3] * 3,
+                             maxIterations=50)
+
+serial = ldic(1)
+threading.Thread(target=kill_a_worker, daemon=True).start()
+pooled = ldic(2)
+assert killed, "no worker was killed"
+for a, b in zip(serial, pooled):
+    assert np.array_equal(a, b, equal_nan=True)
+print("identical", len(nodes), "nodes")
+"""
+
+
+def test_ldic_whose_pool_worker_is_killed_completes_with_the_serial_results():
+    """The hang a sweep met once: multiprocessing.Pool waits forever for a dead worker's task.
+
+    Run in a subprocess: its own threads only, and a hard time limit.
+    """
+    run = subprocess.Popen([sys.executable, "-c", _KILLED_LDIC_SCRIPT.format(tests=TESTS)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = run.communicate(timeout=300)  # ~5 s here; with multiprocessing.Pool it hangs
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # the pool's other worker too
+        run.communicate()
+        pytest.fail("ldic hung after its pool worker was killed")
+    assert run.returncode == 0, stderr[-3000:]
+    assert "identical" in stdout
+    assert "spam pool worker died" in stderr
