@@ -120,8 +120,13 @@ class _WatchedPool:
     def imap_unordered(self, function, iterable, chunksize: int = 1):
         """The only Pool method spam 0.9.1 calls."""
         items = list(iterable)
-        futures = {self._executor.submit(function, item): i for i, item in enumerate(items)}
-        lost = []
+        futures, lost = {}, []
+        for i, item in enumerate(items):
+            try:
+                futures[self._executor.submit(function, item)] = i
+            except BrokenProcessPool:  # a worker died while the tasks were being handed out
+                lost.extend(range(i, len(items)))
+                break
         for future in as_completed(futures):
             try:
                 result = future.result()
