@@ -122,3 +122,22 @@ def stalling_stages() -> list[Stage]:
     stages = chunked_stages()
     stages[1] = dataclasses.replace(stages[1], compute=compute_stalling_once)
     return stages
+
+
+def compute_timed(ctx: StageContext) -> None:
+    """Sleeps 1 s and records when it ran (``interval_<key>.json`` in the counter directory)."""
+    _count(ctx)
+    start = time.time()
+    time.sleep(1.0)
+    (Path(os.environ[COUNTER_ENV]) / f"interval_{ctx.key[:12]}.json").write_text(json.dumps([start, time.time()]))
+    (ctx.out_dir / "done.json").write_text("{}")
+
+
+def intervals(counter: Path) -> list[tuple[float, float]]:
+    """When each :func:`compute_timed` node ran (start, end), in start order."""
+    return sorted(tuple(json.loads(f.read_text())) for f in counter.glob("interval_*.json"))
+
+
+def timed_stages() -> list[Stage]:
+    """One node per point, reading the field a sweep varies: the points share nothing."""
+    return [Stage("timed", 1, ("reconstruction.delta_beta",), compute_timed)]

@@ -190,6 +190,30 @@ def test_sweep_completes_when_a_dask_worker_is_killed_mid_node(tmp_path, counter
     np.testing.assert_array_equal(result["ds"]["join.total"].values, local["join.total"].values)
 
 
+def test_the_points_of_a_sweep_run_side_by_side_on_dask(tmp_path, counter):
+    """Nodes go to the cluster when their inputs are ready, not point after point: two 1-s nodes on two workers overlap."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(dummy)
+    ds = run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200")], tmp_path / "sweep",
+                   stages=dummy.timed_stages, targets=[("timed", None)], metrics_of=lambda runner: {"ran": 1.0},
+                   overrides=["run.workers=2"])
+    assert ds["ran"].values.tolist() == [1.0, 1.0]
+    (first_start, first_end), (second_start, _) = dummy.intervals(counter)
+    assert second_start < first_end  # one after the other, the second would start after the first ended
+
+
+def test_a_serial_sweep_finishes_its_points_in_order(tmp_path, counter):
+    finished = []
+    run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200,300")], tmp_path / "sweep",
+              stages=dummy.timed_stages, targets=[("timed", None)], metrics_of=lambda runner: {"ran": 1.0},
+              progress=lambda done, total, point: finished.append(point["reconstruction.delta_beta"]))
+    assert finished == [100, 200, 300]
+    starts = [start for start, _ in dummy.intervals(counter)]
+    ends = [end for _, end in dummy.intervals(counter)]
+    assert all(s >= e for s, e in zip(starts[1:], ends[:-1]))  # in this process: one at a time
+
+
 def test_sharing_ratio_compares_the_sweep_with_its_points_run_alone(tmp_path, counter):
     """2 δ/β × 2 exposures over a 10-node DAG of equal, sleep-dominated nodes: 23 of 40 node runs are needed."""
     ds = run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200"), parse_param("beamline.exposure_s=0.01,0.02")],

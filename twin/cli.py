@@ -292,14 +292,22 @@ def sweep(
         out.print(format_plan(plan_sweep(scenario, params, out_dir, overrides=overrides, samples=samples)),
                   markup=False, highlight=False, soft_wrap=True)
         return
-    with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.fields[what]:<6}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=err) as bar:
-        task = bar.add_task("", total=None)
+        points_task = bar.add_task("", total=None, what="points")
+        nodes_task = bar.add_task("", total=None, what="stages")
 
         def show(done: int, total: int, point: dict) -> None:
-            bar.update(task, completed=done, total=total, description=", ".join(f"{k}={v}" for k, v in point.items()))
+            described = ", ".join(f"{k}={v}" for k, v in point.items())
+            bar.update(points_task, completed=done, total=total, description=f"last finished: {described}")
+            if not err.is_terminal:  # a batch job's log gets a line per point
+                err.print(f"point {done}/{total} finished: {described}", markup=False, highlight=False)
 
-        ds = run_sweep(scenario, params, out_dir, overrides=overrides, samples=samples, progress=show)
+        def show_nodes(done: int, total: int) -> None:
+            bar.update(nodes_task, completed=done, total=total)
+
+        ds = run_sweep(scenario, params, out_dir, overrides=overrides, samples=samples, progress=show,
+                       node_progress=show_nodes)
     shared = (f"; shared stages: {ds.attrs['sharing_ratio']:.2f} of the stage time its {ds.attrs['n_points']} points"
               " take run alone") if "sharing_ratio" in ds.attrs else ""
     out.print(f"wrote {out_dir / 'sweep.nc'} and {out_dir / 'sweep.png'}{shared}", markup=False)

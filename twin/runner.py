@@ -292,8 +292,8 @@ class Runner:
     force
         Stage names to recompute even when their entries are valid.
     executor
-        ``executor(function, list_of_args) -> list`` for nodes that can run
-        side by side (see :mod:`twin.parallel`); ``None`` runs them in turn.
+        Where nodes run (:func:`twin.parallel.executor`): each is submitted as
+        soon as its inputs are done; ``None`` runs them here, in turn.
     progress
         ``progress(report)`` is called after each node.
     """
@@ -302,7 +302,7 @@ class Runner:
     stages: Sequence[Stage]
     cache_dir: Path
     force: Iterable[str] = ()
-    executor: Callable[[Callable, list], list] | None = None
+    executor: Any = None
     progress: Callable[[NodeReport], None] | None = None
     reports: list[NodeReport] = field(default_factory=list)
 
@@ -347,40 +347,7 @@ class Runner:
 
     def run(self, targets: Iterable[Node]) -> dict[Node, Path]:
         """Bring every target node (and its inputs) up to date; return their output directories."""
-        targets = list(targets)
-        order = self._topological(targets)
-        waves: list[list[Node]] = []
-        depth: dict[Node, int] = {}
-        for node in order:
-            stage = self._stage(node[0])
-            d = 1 + max((depth[n] for n in stage.needs(node[1], self)), default=-1)
-            depth[node] = d
-            if d == len(waves):
-                waves.append([])
-            waves[d].append(node)
-        for wave in waves:
-            todo = []
-            for node in wave:
-                if node in self._done:
-                    continue
-                key = self.key(node)
-                forced = node[0] in self.force and node not in self._forced_done
-                if not forced and self.cache.is_valid(node[0], key):
-                    self._finish(NodeReport(node[0], node[1], key, "reused", 0.0, self.cache.entry(node[0], key)))
-                    continue
-                if self.cache.entry(node[0], key).exists() and not forced:
-                    log.warning("cache entry %s/%s failed its checksum: recomputing", node[0], key[:12])
-                todo.append(node)
-            jobs = [self._job(node) for node in todo]
-            if self.executor is not None and len(jobs) > 1:
-                results = self.executor(_execute, jobs)
-            else:
-                results = [_execute(*job) for job in jobs]
-            for node, (path, seconds) in zip(todo, results):
-                if node[0] in self.force:
-                    self._forced_done.add(node)
-                self._finish(NodeReport(node[0], node[1], self.key(node), "computed", seconds, Path(path)))
-        return {node: self._done[node] for node in targets}
+        return run_together([(self, list(targets))], self.executor)[0]
 
     def _job(self, node: Node) -> tuple:
         stage = self._stage(node[0])
@@ -417,6 +384,110 @@ class Runner:
         for t in targets:
             visit(t, ())
         return order
+
+
+def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None, *,
+                 target_done: Callable[[int], None] | None = None,
+                 node_done: Callable[[int, int], None] | None = None) -> list[dict[Node, Path]]:
+    """Bring the targets of several runners up to date at once (a sweep's points), each distinct node once.
+
+    Nodes of different runners with equal stage and key are one node: the
+    first runner in ``work`` that needs it reports it ``computed`` (with its
+    seconds), the others ``reused``, as if the runners had run one after the
+    other. Every node that is not valid in the cache is submitted to
+    ``executor`` as soon as its inputs are done, with a higher priority for
+    earlier runners: a serial executor finishes the first runner's targets
+    first, a Dask cluster runs whatever is ready. The first failure cancels
+    what has not started and is raised (finished nodes stay valid in the cache).
+
+    Parameters
+    ----------
+    work
+        ``(runner, targets)`` pairs.
+    executor
+        :func:`twin.parallel.executor`'s executor; ``None``: in this process.
+    target_done
+        ``target_done(i)`` once every target of ``work[i]`` is done.
+    node_done
+        ``node_done(done, total)`` after each distinct node (reused ones included).
+
+    Returns
+    -------
+    list of dict
+        Per runner, the output directory of each of its targets.
+    """
+    from twin.parallel import SerialExecutor
+
+    executor = executor or SerialExecutor()
+    users: dict[tuple[str, str], list[tuple[Runner, Node]]] = {}
+    inputs: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    priority: dict[tuple[str, str], int] = {}
+    waiting: list[set[tuple[str, str]]] = []  # per runner: its targets not done yet
+    for index, (runner, targets) in enumerate(work):
+        for node in runner._topological(targets):
+            uid = (node[0], runner.key(node))
+            if uid not in users:
+                inputs[uid] = {(n[0], runner.key(n)) for n in runner._stage(node[0]).needs(node[1], runner)}
+                priority[uid] = -index
+                users[uid] = []
+            users[uid].append((runner, node))
+        waiting.append({(node[0], runner.key(node)) for node in targets})
+
+    done: set[tuple[str, str]] = set()
+
+    def finish(uid, path: Path, seconds: float, status: str) -> None:
+        first = True
+        for runner, node in users[uid]:
+            if node in runner._done:
+                continue
+            runner._finish(NodeReport(node[0], node[1], uid[1], status if first else "reused",
+                                      seconds if first else 0.0, path))
+            first = False
+        done.add(uid)
+        if node_done is not None:
+            node_done(len(done), len(users))
+        for index, targets in enumerate(waiting):
+            if uid in targets:
+                targets.discard(uid)
+                if not targets and target_done is not None:
+                    target_done(index)
+
+    todo: dict[tuple[str, str], bool] = {}  # uid -> forced
+    for uid, nodes in users.items():
+        stage, key = uid
+        if all(node in runner._done for runner, node in nodes):
+            finish(uid, nodes[0][0]._done[nodes[0][1]], 0.0, "reused")
+            continue
+        forced = any(stage in runner.force and node not in runner._forced_done for runner, node in nodes)
+        cache = nodes[0][0].cache
+        if not forced and cache.is_valid(stage, key):
+            finish(uid, cache.entry(stage, key), 0.0, "reused")
+            continue
+        if cache.entry(stage, key).exists() and not forced:
+            log.warning("cache entry %s/%s failed its checksum: recomputing", stage, key[:12])
+        todo[uid] = forced
+
+    running: dict[Any, tuple[str, str]] = {}
+    try:
+        while todo or running:
+            for uid in [u for u in todo if inputs[u] <= done]:
+                runner, node = next((r, n) for r, n in users[uid] if n not in r._done)
+                job = list(runner._job(node))
+                job[-1] = todo.pop(uid)
+                running[executor.submit(_execute, *job, priority=priority[uid])] = uid
+            if not running:
+                raise StageError(f"nodes whose inputs never finished: {sorted(todo)}")
+            for future in executor.first_done(running):
+                uid = running.pop(future)
+                path, seconds = future.result()
+                for runner, node in users[uid]:
+                    if node[0] in runner.force:
+                        runner._forced_done.add(node)
+                finish(uid, Path(path), seconds, "computed")
+    except BaseException:
+        executor.cancel(running)
+        raise
+    return [{node: runner._done[node] for node in targets} for runner, targets in work]
 
 
 def _execute(stage: Stage, item: str | None, scenario: Scenario, cache_root: str, key: str,

@@ -5,11 +5,13 @@ scenario: a full grid (``--param reconstruction.delta_beta=120,170,300``) or
 ``--samples N`` Latin-hypercube points over ranges (``KEY=lo:hi``). All points
 run through one cache (``OUT/cache``), so a stage whose fields and inputs are
 equal between points is computed once: a δ/β sweep simulates the holograms
-once, a node-spacing sweep reconstructs once per δ/β. Points run one after the
-other; inside a point the scans go to the Dask executor side by side.
+once, a node-spacing sweep reconstructs once per δ/β. The points' DAGs run as
+one: every node goes to the executor as soon as its inputs are done, so a Dask
+cluster works on all points at once; in one process the first point finishes
+first, then the next (:func:`twin.runner.run_together`).
 
 ``OUT/sweep.nc`` (swept dimensions × metrics, NaN where a point has not finished)
-is rewritten atomically after every point, so a killed sweep resumes: a rerun
+is rewritten atomically as each point finishes, so a killed sweep resumes: a rerun
 finds every finished node in the cache and only computes what is missing.
 """
 
@@ -29,7 +31,7 @@ import numpy as np
 from twin.errors import ScenarioError
 from twin.io import atomic_path, write_netcdf
 from twin.parallel import executor
-from twin.runner import Runner, Stage, recorded_seconds
+from twin.runner import Runner, Stage, recorded_seconds, run_together
 from twin.scenario import Scenario, load_scenario, parse_override
 
 MetricsOf = Callable[[Runner], dict[str, float]]
@@ -212,6 +214,7 @@ def run_sweep(
     targets: Sequence[tuple[str, str | None]] = (("validation", None),),
     metrics_of: MetricsOf | None = None,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    node_progress: Callable[[int, int], None] | None = None,
 ) -> Any:
     """Run every point of a sweep through one shared cache; return the ``sweep.nc`` dataset.
 
@@ -228,6 +231,10 @@ def run_sweep(
     stages, targets, metrics_of
         The DAG, the nodes each point needs, and how to read a finished point's
         metrics (default: the validation stage's ``metrics.json``).
+    progress
+        ``progress(points_done, n_points, point)`` as each point finishes.
+    node_progress
+        ``node_progress(nodes_done, n_nodes)`` as each distinct node of the sweep's DAG finishes.
     """
     import xarray as xr
 
@@ -248,21 +255,29 @@ def run_sweep(
     results: dict[str, np.ndarray] = {}
     cache_dir = Path(base_sc.run.cache_dir) if base_sc.run.cache_dir else out_dir / "cache"
     start = time.perf_counter()
-    with executor(base_sc.run) as parallel_map:
-        for n, (point, sc) in enumerate(zip(points, scenarios)):
-            runner = Runner(sc, stages(), cache_dir, executor=parallel_map)
-            runner.run(list(targets))
-            metrics = metrics_of(runner)
-            metrics["runtime_s.point"] = sum(r.seconds for r in runner.reports)
-            metrics["runtime_s.point_alone"] = sum(recorded_seconds(r.path) for r in runner.reports)
-            metrics["computed_nodes"] = sum(r.status == "computed" for r in runner.reports)
-            index = (tuple(list(p.values).index(point[p.key]) for p in params) if gridded else (n,))
-            for name, value in metrics.items():
-                results.setdefault(name, np.full(shape, np.nan))[index] = float(value)
-            ds = _dataset(results, dims, coords, base_sc, points, time.perf_counter() - start)
-            write_netcdf(ds, out_dir / "sweep.nc")
-            if progress is not None:
-                progress(n + 1, len(points), point)
+    runners = [Runner(sc, stages(), cache_dir) for sc in scenarios]
+    ds = None
+
+    def point_done(n: int) -> None:
+        nonlocal ds
+        runner, point = runners[n], points[n]
+        metrics = metrics_of(runner)
+        metrics["runtime_s.point"] = sum(r.seconds for r in runner.reports)
+        metrics["runtime_s.point_alone"] = sum(recorded_seconds(r.path) for r in runner.reports)
+        metrics["computed_nodes"] = sum(r.status == "computed" for r in runner.reports)
+        index = (tuple(list(p.values).index(point[p.key]) for p in params) if gridded else (n,))
+        for name, value in metrics.items():
+            results.setdefault(name, np.full(shape, np.nan))[index] = float(value)
+        ds = _dataset(results, dims, coords, base_sc, points, time.perf_counter() - start)
+        write_netcdf(ds, out_dir / "sweep.nc")
+        finished.append(n)
+        if progress is not None:
+            progress(len(finished), len(points), point)
+
+    finished: list[int] = []
+    with executor(base_sc.run) as pool:
+        run_together([(runner, list(targets)) for runner in runners], pool, target_done=point_done,
+                     node_done=node_progress)
     plot_sweep(ds, out_dir / "sweep.png")
     return xr.load_dataset(out_dir / "sweep.nc", engine="h5netcdf")
 
