@@ -15,7 +15,7 @@ import pytest
 
 import _dummy_stages as dummy
 from twin.parallel import executor
-from twin.runner import MANIFEST, Cache, Runner, publish
+from twin.runner import MANIFEST, Cache, Runner, publish, run_together
 from twin.scenario import load_scenario
 
 SUMMARY = [("summary", None)]
@@ -215,6 +215,26 @@ def test_parallel_execution_on_dask_matches_serial(tmp_path, counter):
         out = runner.run([("noise", i) for i in dummy.ITEMS])
     for i, expected in zip(dummy.ITEMS, serial):
         np.testing.assert_array_equal(np.load(out[("noise", i)] / "noisy.npy"), expected)
+
+
+def test_runners_run_together_compute_a_shared_node_once_and_the_first_reports_it(tmp_path, counter):
+    first = make_runner(tmp_path, ["reconstruction.delta_beta=100"])
+    second = make_runner(tmp_path, ["reconstruction.delta_beta=200"])
+    finished = []
+    out = run_together([(first, SUMMARY), (second, SUMMARY)], runner_done=finished.append)
+    runs = dummy.executions(counter)
+    assert runs["source"] == 1 and runs["scaled[T0]"] == 2 and runs["summary"] == 2
+    assert finished == [0, 1]  # in this process: the first runner's nodes first
+
+    def reports(runner, stage):
+        return [(r.status, r.seconds > 0) for r in runner.reports if r.stage == stage]
+
+    assert reports(first, "source") == [("computed", True)] and reports(second, "source") == [("reused", False)]
+    assert reports(second, "summary") == [("computed", True)]
+    assert out[0][SUMMARY[0]] != out[1][SUMMARY[0]]
+    # the same as running them one after the other
+    again = make_runner(tmp_path, ["reconstruction.delta_beta=200"])
+    assert again.run(SUMMARY) == out[1] and {r.status for r in again.reports} == {"reused"}
 
 
 def test_publish_exposes_files_without_manifest(tmp_path, counter):

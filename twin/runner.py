@@ -387,7 +387,7 @@ class Runner:
 
 
 def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None, *,
-                 target_done: Callable[[int], None] | None = None,
+                 runner_done: Callable[[int], None] | None = None,
                  node_done: Callable[[int, int], None] | None = None) -> list[dict[Node, Path]]:
     """Bring the targets of several runners up to date at once (a sweep's points), each distinct node once.
 
@@ -406,8 +406,8 @@ def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None
         ``(runner, targets)`` pairs.
     executor
         :func:`twin.parallel.executor`'s executor; ``None``: in this process.
-    target_done
-        ``target_done(i)`` once every target of ``work[i]`` is done.
+    runner_done
+        ``runner_done(i)`` once every node of ``work[i]`` (its targets and their inputs) is done.
     node_done
         ``node_done(done, total)`` after each distinct node (reused ones included).
 
@@ -422,8 +422,9 @@ def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None
     users: dict[tuple[str, str], list[tuple[Runner, Node]]] = {}
     inputs: dict[tuple[str, str], set[tuple[str, str]]] = {}
     priority: dict[tuple[str, str], int] = {}
-    waiting: list[set[tuple[str, str]]] = []  # per runner: its targets not done yet
+    waiting: list[set[tuple[str, str]]] = []  # per runner: its nodes not done yet
     for index, (runner, targets) in enumerate(work):
+        waiting.append(set())
         for node in runner._topological(targets):
             uid = (node[0], runner.key(node))
             if uid not in users:
@@ -431,7 +432,7 @@ def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None
                 priority[uid] = -index
                 users[uid] = []
             users[uid].append((runner, node))
-        waiting.append({(node[0], runner.key(node)) for node in targets})
+            waiting[index].add(uid)
 
     done: set[tuple[str, str]] = set()
 
@@ -446,11 +447,11 @@ def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None
         done.add(uid)
         if node_done is not None:
             node_done(len(done), len(users))
-        for index, targets in enumerate(waiting):
-            if uid in targets:
-                targets.discard(uid)
-                if not targets and target_done is not None:
-                    target_done(index)
+        for index, nodes in enumerate(waiting):
+            if uid in nodes:
+                nodes.discard(uid)
+                if not nodes and runner_done is not None:
+                    runner_done(index)
 
     todo: dict[tuple[str, str], bool] = {}  # uid -> forced
     for uid, nodes in users.items():

@@ -276,7 +276,7 @@ def run_sweep(
 
     finished: list[int] = []
     with executor(base_sc.run) as pool:
-        run_together([(runner, list(targets)) for runner in runners], pool, target_done=point_done,
+        run_together([(runner, list(targets)) for runner in runners], pool, runner_done=point_done,
                      node_done=node_progress)
     plot_sweep(ds, out_dir / "sweep.png")
     return xr.load_dataset(out_dir / "sweep.nc", engine="h5netcdf")
