@@ -256,6 +256,7 @@ def run_sweep(
     cache_dir = Path(base_sc.run.cache_dir) if base_sc.run.cache_dir else out_dir / "cache"
     start = time.perf_counter()
     runners = [Runner(sc, stages(), cache_dir) for sc in scenarios]
+    finished: list[int] = []
     ds = None
 
     def point_done(n: int) -> None:
@@ -274,7 +275,6 @@ def run_sweep(
         if progress is not None:
             progress(len(finished), len(points), point)
 
-    finished: list[int] = []
     with executor(base_sc.run) as pool:
         run_together([(runner, list(targets)) for runner in runners], pool, runner_done=point_done,
                      node_done=node_progress)
