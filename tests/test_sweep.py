@@ -115,6 +115,41 @@ def test_sweep_runs_on_a_separately_started_dask_scheduler(tmp_path, counter):
     np.testing.assert_array_equal(remote["summary.total"].values, local["summary.total"].values)
 
 
+#: ``tiny`` cut to three scans, 40² px and 2-epoch U-Nets: the real stages end to end in about a minute a point.
+MICRO = ["protocol.max_charge_scans=1", "protocol.final_scans=1", "sample.lateral_size_um=16",
+         "beamline.detector_pixels=40", "beamline.n_projections=60", "segmentation.epochs=2",
+         "segmentation.n_training_slices=4", "segmentation.second_model_from_scan=2", "segmentation.baselines=[]"]
+
+
+@pytest.mark.slow
+def test_a_delta_beta_by_node_spacing_sweep_of_the_real_stages_runs_on_a_separately_started_scheduler(tmp_path):
+    """The real twin, not dummies: 2 δ/β × 2 node spacings on a scheduler and two workers started as their own processes."""
+    address, procs = _start_dask(tmp_path, 2)
+    try:
+        remote = run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,300"),
+                                    parse_param("dic.node_spacing_px=[12,8],[16,12]")], tmp_path / "remote",
+                           overrides=MICRO + [f'run.scheduler="{address}"'])
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    for name in ("dic.displacement_rmse_vx.max", "dic.volumetric_strain_mae.max", "segmentation.dice_si.mean",
+                 "recon.delta_pearson.mean", "tracking.axial_displacement_rmse_um"):
+        assert np.isfinite(remote[name].values).all(), name
+    # shared: truth and holograms once (3 scans), reconstruction and U-Nets per δ/β, DIC (2 pairs) per point
+    cache = tmp_path / "remote" / "cache"
+    assert {stage: len(list((cache / stage).glob("[0-9a-f]*"))) for stage in
+            ("truth", "holograms", "reconstruction", "segmentation_training", "dic")} == {
+        "truth": 3, "holograms": 3, "reconstruction": 6, "segmentation_training": 2, "dic": 8}
+    assert remote.attrs["sharing_ratio"] < 0.8
+    # the same point in this process gives the same DIC and reconstruction (they never read the U-Nets)
+    local = run_sweep("tiny", [parse_param("reconstruction.delta_beta=300"), parse_param("dic.node_spacing_px=[16,12]")],
+                      tmp_path / "local", overrides=MICRO)
+    for name in ("dic.displacement_rmse_vx.max", "dic.volumetric_strain_mae.max", "recon.delta_pearson.mean"):
+        assert float(local[name].values.item()) == float(remote[name].values[1, 1]), name
+
+
 def _join_total(runner):
     return {"join.total": float(np.load(runner.output("join") / "chunk.npy").sum())}
 
