@@ -141,3 +141,17 @@ def intervals(counter: Path) -> list[tuple[float, float]]:
 def timed_stages() -> list[Stage]:
     """One node per point, reading the field a sweep varies: the points share nothing."""
     return [Stage("timed", 1, ("reconstruction.delta_beta",), compute_timed)]
+
+
+def compute_scaled_diverging_at_200(ctx: StageContext) -> None:
+    """:func:`compute_scaled`, except that it fails (as an unconverged DIC would) when δ/β is 200."""
+    if ctx.scenario.reconstruction.delta_beta == 200:
+        raise RuntimeError("diverged at delta_beta 200")
+    compute_scaled(ctx)
+
+
+def diverging_stages() -> list[Stage]:
+    """:func:`dummy_stages` whose ``scaled`` nodes fail at δ/β = 200."""
+    stages = dummy_stages()
+    stages[1] = dataclasses.replace(stages[1], compute=compute_scaled_diverging_at_200)
+    return stages

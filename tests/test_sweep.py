@@ -249,6 +249,48 @@ def test_a_serial_sweep_finishes_its_points_in_order(tmp_path, counter):
     assert all(s >= e for s, e in zip(starts[1:], ends[:-1]))  # in this process: one at a time
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_point_leaves_nans_and_its_error_and_the_other_points_finish(tmp_path, counter, workers):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(dummy)
+    ds = run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200,300"), parse_param("beamline.exposure_s=0.01,0.02")],
+                   tmp_path / "sweep", stages=dummy.diverging_stages, targets=[("summary", None)], metrics_of=_total,
+                   overrides=[f"run.workers={workers}"])
+    totals = ds["summary.total"].values
+    assert np.isfinite(totals[[0, 2]]).all() and np.isnan(totals[1]).all()
+    failures = json.loads(ds.attrs["failed_points"])
+    assert sorted(f["point"]["beamline.exposure_s"] for f in failures) == [0.01, 0.02]
+    assert all(f["point"]["reconstruction.delta_beta"] == 200 and "diverged at delta_beta 200" in f["error"]
+               for f in failures)
+    runs = dummy.executions(counter)
+    assert runs["noise[T0]"] == 4 and runs["summary"] == 4  # nothing downstream of a failed node ran
+    assert (tmp_path / "sweep" / "sweep.png").is_file()
+
+
+def test_twin_sweep_exits_1_naming_the_points_that_failed(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import xarray as xr
+
+    from twin import cli, sweep
+
+    def half_failed(*args, **kwargs):
+        ds = xr.Dataset({"m": ("reconstruction.delta_beta", [1.0, np.nan])}, coords={"reconstruction.delta_beta": [100, 200]})
+        ds.attrs.update(n_points=2, failed_points=json.dumps([{"point": {"reconstruction.delta_beta": 200},
+                                                               "error": "stage 'dic' [T3] failed: no node converged"}]))
+        return ds
+
+    monkeypatch.setattr(sweep, "run_sweep", half_failed)
+    monkeypatch.setattr(sys, "argv", ["twin", "sweep", "tiny", "--param", "reconstruction.delta_beta=100,200",
+                                      "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 points failed" in err and "reconstruction.delta_beta=200: stage 'dic' [T3] failed" in err
+
+
 def test_sharing_ratio_compares_the_sweep_with_its_points_run_alone(tmp_path, counter):
     """2 δ/β × 2 exposures over a 10-node DAG of equal, sleep-dominated nodes: 23 of 40 node runs are needed."""
     ds = run_sweep("tiny", [parse_param("reconstruction.delta_beta=100,200"), parse_param("beamline.exposure_s=0.01,0.02")],

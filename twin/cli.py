@@ -7,6 +7,7 @@ that is not available here or not built yet, 1 anything else.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -311,6 +312,13 @@ def sweep(
     shared = (f"; shared stages: {ds.attrs['sharing_ratio']:.2f} of the stage time its {ds.attrs['n_points']} points"
               " take run alone") if "sharing_ratio" in ds.attrs else ""
     out.print(f"wrote {out_dir / 'sweep.nc'} and {out_dir / 'sweep.png'}{shared}", markup=False)
+    if "failed_points" in ds.attrs:
+        from twin.errors import StageError
+
+        failures = json.loads(ds.attrs["failed_points"])
+        lines = [f"{', '.join(f'{k}={v}' for k, v in f['point'].items())}: {f['error']}" for f in failures]
+        raise StageError(f"{len(failures)} of {ds.attrs['n_points']} points failed (NaN in sweep.nc, attribute "
+                         f"failed_points; the others finished):\n  " + "\n  ".join(lines))
 
 
 @app.command()

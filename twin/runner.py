@@ -388,7 +388,8 @@ class Runner:
 
 def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None, *,
                  runner_done: Callable[[int], None] | None = None,
-                 node_done: Callable[[int, int], None] | None = None) -> list[dict[Node, Path]]:
+                 node_done: Callable[[int, int], None] | None = None,
+                 runner_failed: Callable[[int, TwinError], None] | None = None) -> list[dict[Node, Path]]:
     """Bring the targets of several runners up to date at once (a sweep's points), each distinct node once.
 
     Nodes of different runners with equal stage and key are one node: the
@@ -398,7 +399,9 @@ def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None
     ``executor`` as soon as its inputs are done, with a higher priority for
     earlier runners: a serial executor finishes the first runner's targets
     first, a Dask cluster runs whatever is ready. The first failure cancels
-    what has not started and is raised (finished nodes stay valid in the cache).
+    what has not started and is raised (finished nodes stay valid in the cache),
+    unless ``runner_failed`` is given: then a node that fails with a
+    :class:`TwinError` fails only the runners that need it, and the others go on.
 
     Parameters
     ----------
@@ -410,11 +413,14 @@ def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None
         ``runner_done(i)`` once every node of ``work[i]`` (its targets and their inputs) is done.
     node_done
         ``node_done(done, total)`` after each distinct node (reused ones included).
+    runner_failed
+        ``runner_failed(i, error)`` when a node ``work[i]`` needs fails (each
+        runner once; nothing that depends on the failed node is run).
 
     Returns
     -------
     list of dict
-        Per runner, the output directory of each of its targets.
+        Per runner, the output directory of each of its targets (none for a failed runner).
     """
     from twin.parallel import SerialExecutor
 
@@ -468,19 +474,44 @@ def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None
             log.warning("cache entry %s/%s failed its checksum: recomputing", stage, key[:12])
         todo[uid] = forced
 
+    failed: set[tuple[str, str]] = set()
+    failed_runners: set[int] = set()
+
+    def fail(uid, error: TwinError) -> None:
+        failed.add(uid)
+        for index, nodes in enumerate(waiting):
+            if uid in nodes and index not in failed_runners:
+                failed_runners.add(index)
+                runner_failed(index, error)
+
     running: dict[Any, tuple[str, str]] = {}
     try:
         while todo or running:
+            blocked = [u for u in todo if inputs[u] & failed]
+            while blocked:  # an input failed: these never run
+                for uid in blocked:
+                    del todo[uid]
+                    failed.add(uid)
+                blocked = [u for u in todo if inputs[u] & failed]
             for uid in [u for u in todo if inputs[u] <= done]:
                 runner, node = next((r, n) for r, n in users[uid] if n not in r._done)
                 job = list(runner._job(node))
                 job[-1] = todo.pop(uid)
                 running[executor.submit(_execute, *job, priority=priority[uid])] = uid
             if not running:
+                if not todo:
+                    break  # what was left depended on failed nodes
                 raise StageError(f"nodes whose inputs never finished: {sorted(todo)}")
             for future in executor.first_done(running):
                 uid = running.pop(future)
-                path, seconds = future.result()
+                try:
+                    path, seconds = future.result()
+                except TwinError as error:
+                    if runner_failed is None:
+                        raise
+                    log.warning("%s[%s] failed: %s", uid[0], users[uid][0][1][1] or "-", error)
+                    fail(uid, error)
+                    continue
                 for runner, node in users[uid]:
                     if node[0] in runner.force:
                         runner._forced_done.add(node)
@@ -488,7 +519,7 @@ def run_together(work: Sequence[tuple[Runner, list[Node]]], executor: Any = None
     except BaseException:
         executor.cancel(running)
         raise
-    return [{node: runner._done[node] for node in targets} for runner, targets in work]
+    return [{node: runner._done[node] for node in targets if node in runner._done} for runner, targets in work]
 
 
 def _execute(stage: Stage, item: str | None, scenario: Scenario, cache_root: str, key: str,

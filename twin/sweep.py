@@ -257,7 +257,14 @@ def run_sweep(
     start = time.perf_counter()
     runners = [Runner(sc, stages(), cache_dir) for sc in scenarios]
     finished: list[int] = []
+    failures: list[dict[str, Any]] = []
     ds = None
+
+    def point_failed(n: int, error: Exception) -> None:
+        nonlocal ds
+        failures.append({"point": points[n], "error": str(error)})
+        ds = _dataset(results, dims, coords, base_sc, points, time.perf_counter() - start, failures)
+        write_netcdf(ds, out_dir / "sweep.nc")
 
     def point_done(n: int) -> None:
         nonlocal ds
@@ -269,7 +276,7 @@ def run_sweep(
         index = (tuple(list(p.values).index(point[p.key]) for p in params) if gridded else (n,))
         for name, value in metrics.items():
             results.setdefault(name, np.full(shape, np.nan))[index] = float(value)
-        ds = _dataset(results, dims, coords, base_sc, points, time.perf_counter() - start)
+        ds = _dataset(results, dims, coords, base_sc, points, time.perf_counter() - start, failures)
         write_netcdf(ds, out_dir / "sweep.nc")
         finished.append(n)
         if progress is not None:
@@ -277,18 +284,23 @@ def run_sweep(
 
     with executor(base_sc.run) as pool:
         run_together([(runner, list(targets)) for runner in runners], pool, runner_done=point_done,
-                     node_done=node_progress)
+                     node_done=node_progress, runner_failed=point_failed)
     plot_sweep(ds, out_dir / "sweep.png")
     return xr.load_dataset(out_dir / "sweep.nc", engine="h5netcdf")
 
 
-def _dataset(results, dims, coords, base_sc: Scenario, points, seconds: float):
-    """``sweep.nc``; attribute ``sharing_ratio``: stage seconds the sweep computed ÷ what its points cost run alone."""
+def _dataset(results, dims, coords, base_sc: Scenario, points, seconds: float, failures: list[dict[str, Any]]):
+    """``sweep.nc``; attribute ``sharing_ratio``: stage seconds the sweep computed ÷ what its points cost run alone.
+
+    Attribute ``failed_points`` (JSON, when a point failed): its fields and the error; its metrics are NaN.
+    """
     import xarray as xr
 
     data_vars = {name: (dims, values) for name, values in results.items()}
     ds = xr.Dataset(data_vars, coords={k: (k, v) for k, v in coords.items()})
     ds.attrs.update(scenario=base_sc.name, n_points=len(points), seconds=seconds, seed=base_sc.run.seed)
+    if failures:
+        ds.attrs["failed_points"] = json.dumps(failures)
     spent, alone = (np.nansum(results.get(k, np.nan)) for k in ("runtime_s.point", "runtime_s.point_alone"))
     if alone > 0:
         ds.attrs["sharing_ratio"] = float(spent / alone)
