@@ -131,7 +131,9 @@ def estimate(sc: Scenario, cores: int | None = None, *, calibrated: bool = True)
         # two volumes + what the correlation of one pair adds (benchmarks/bench_growth.py, 256³): 13.5 float32
         # volumes when the registration runs at full resolution (spam's whole-volume registration is the peak);
         # binned (dic.registration_max_voxels) 9 bytes per voxel between 128³ and 256³ over a ~240 MB floor of
-        # spam's first calls, the texture mask (3 float32 volumes at most) being the peak: 16 counted
+        # spam's first calls, the texture mask (3 float32 volumes at most) being the peak: 16 counted. The
+        # composition after it (residual maps) holds two volumes, a residual, its blur and the mask (~21 bytes
+        # per voxel; the deform runs plane by plane, and each residual is written as it is made).
         "dic": n_vox * (8 + (48 if registration_binning(sc.volume_shape, sc.dic.registration_max_voxels) == 1 else 16)),
     }
     per_node = seconds_per_node(sc, calibrated=calibrated)
