@@ -248,3 +248,32 @@ def test_particle_labels_stage_names_a_bad_segmentation_file(tmp_path):
     (seg / "labels.nc").write_bytes(b"truncated")
     with pytest.raises(InputFileError, match=r"labels\.nc.*cannot read it"):
         compute_particle_labels(ctx)
+
+
+def test_streamed_residuals_file_is_the_file_write_netcdf_makes(tmp_path):
+    from pipeline._dic_io import residuals_file
+    from twin.io import write_netcdf
+
+    rng = np.random.default_rng(2)
+    scans, shape = ["T1", "T2", "T3"], (5, 6, 7)
+    residual = rng.normal(size=(3, *shape)).astype(np.float16)
+    double = rng.normal(size=shape).astype(np.float16)
+    mask = (rng.random(shape) > 0.5).astype(np.uint8)
+    with residuals_file(tmp_path / "streamed.nc", scans, shape, first="T0", noise_threshold=0.25,
+                        voxel_size_um=0.4) as variables:
+        variables["texture_mask"][...] = mask
+        for i in (2, 0, 1):  # in any order
+            variables["residual"][i] = residual[i]
+        variables["residual_double_scan"][...] = double
+    zyx = ("z", "y", "x")
+    expected = xr.Dataset({"residual": (("scan", *zyx), residual, {"long_name": "Ti - T0 deformed by Phi_0i"}),
+                           "residual_double_scan": (zyx, double), "texture_mask": (zyx, mask)},
+                          coords={"scan": scans}, attrs={"noise_threshold": 0.25, "voxel_size_um": 0.4})
+    write_netcdf(expected, tmp_path / "whole.nc")
+    streamed = xr.load_dataset(tmp_path / "streamed.nc", engine="h5netcdf")
+    xr.testing.assert_identical(streamed, xr.load_dataset(tmp_path / "whole.nc", engine="h5netcdf"))
+    xr.testing.assert_identical(streamed, expected)
+    with pytest.raises(RuntimeError), residuals_file(tmp_path / "broken.nc", scans, shape, first="T0",
+                                                     noise_threshold=0.25, voxel_size_um=0.4):
+        raise RuntimeError("a residual failed")
+    assert not (tmp_path / "broken.nc").exists()  # nothing half written is left as if valid
