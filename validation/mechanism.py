@@ -254,6 +254,27 @@ def classify_volume(volume: np.ndarray, labels: np.ndarray, particle_labels: np.
     return rows
 
 
+def majority_label(components: np.ndarray, labels: np.ndarray) -> dict[int, int]:
+    """For each component (> 0) of ``components``: the label (> 0) of ``labels`` under most of its voxels.
+
+    Ties go to the smaller label (``np.bincount(...).argmax()``'s rule); components
+    over no labelled voxel are left out. One pass over the volumes, whatever
+    the number of components.
+    """
+    both = (components > 0) & (labels > 0)
+    comp = components[both].astype(np.int64)
+    lab = labels[both].astype(np.int64)
+    del both
+    base = int(lab.max(initial=0)) + 1
+    pairs, counts = np.unique(comp * base + lab, return_counts=True)
+    comp, lab = np.divmod(pairs, base)
+    # per component, the largest count; among equal counts the smallest label (pairs are sorted by label)
+    order = np.lexsort((lab, -counts, comp))
+    first = np.ones(len(order), bool)
+    first[1:] = comp[order][1:] != comp[order][:-1]
+    return dict(zip(comp[order][first].tolist(), lab[order][first].tolist()))
+
+
 def mechanism_metrics(volume_nc, labels_nc, particle_labels_nc, truth_nc, particles_csv, *, blur_sigma_px: float,
                       rng: np.random.Generator, min_fraction: float = 0.05) -> dict[str, float]:
     """``lithiation.mechanism_accuracy`` of one charged scan (see module docstring), with the counts behind it."""
@@ -273,12 +294,10 @@ def mechanism_metrics(volume_nc, labels_nc, particle_labels_nc, truth_nc, partic
         mechanism = str(ds.attrs["mechanism"])
     table = pd.read_csv(particles_csv)
     lithiated = set(table.loc[table["max_lithiated_fraction"] >= min_fraction, "id"].astype(int))
+    majority = majority_label(lab, true_particle)
     correct = []
     for r in rows:
-        # the true particle under most of the component's voxels
-        under = true_particle[lab == r["component"]]
-        under = under[under > 0]
-        if under.size and int(np.bincount(under).argmax()) in lithiated:
+        if majority.get(int(r["component"]), 0) in lithiated:
             correct.append(r["predicted"] == mechanism)
     out = {"lithiation.mechanism_n_particles": float(len(correct)),
            "lithiation.mechanism_pathway_share": float(np.mean([r["predicted"] == "pathway" for r in rows])) if rows else np.nan}
