@@ -23,6 +23,7 @@ from twin.scenario import Run
 
 log = logging.getLogger("twin.parallel")
 
+
 class SerialExecutor:
     """Runs submitted jobs in this process, one at a time, when they are waited for: highest priority first."""
 
