@@ -27,7 +27,7 @@ from phantoms.lithiation import lithiate
 from phantoms.microstructure import Microstructure, Recipe, distance_to_background, generate_microstructure
 from phantoms.phases import Phase
 from twin.errors import InputFileError, ScenarioError
-from twin.io import NETCDF_COMPRESSION, NETCDF_ENGINE, WriteBehind, atomic_path, write_netcdf
+from twin.io import NETCDF_ENGINE, WriteBehind, atomic_path, streamed_netcdf, write_netcdf
 from twin.warnings import TwinWarning
 
 MIN_KERNEL_RADIUS_VOX = 3.0  # particles with a smaller equivalent radius get no swelling kernel
@@ -420,27 +420,16 @@ def write_truth(ms: Microstructure, sample, energy_kev: float, fractions, max_fr
     ``write_netcdf(truth_for_scan(...)[0], path)`` writes, variable for variable (tested), and
     appears only when complete. Returns the particle table and the deformation.
     """
-    import h5netcdf
-    import h5py
-
     shape = ms.phase.shape
-    a = ms.voxel_size_um
-    with atomic_path(path) as tmp, h5netcdf.File(tmp, "w") as f:
-        f.dimensions = {"z": shape[0], "y": shape[1], "x": shape[2], "component": 3}
-        for dim, (_, values, attrs_) in _coords(shape, a).items():
-            f.create_variable(dim, (dim,), data=values).attrs.update(attrs_)
-        f.create_variable("component", ("component",), data=np.array(["z", "y", "x"], dtype=object),
-                          dtype=h5py.string_dtype())
-        variables = {}
-        for name, (dims, dtype, attrs_) in _VOLUMES.items():
-            chunks = (1,) * (len(dims) - 2) + shape[1:]  # one plane: slabs are written whole
-            variables[name] = f.create_variable(name, dims, dtype, chunks=chunks, **NETCDF_COMPRESSION)
-            variables[name].attrs.update(attrs_)
+    coords = {dim: (values, attrs_) for dim, (_, values, attrs_) in _coords(shape, ms.voxel_size_um).items()}
+    coords["component"] = (np.array(["z", "y", "x"]), {})
+    with streamed_netcdf(path, {"z": shape[0], "y": shape[1], "x": shape[2], "component": 3}, _VOLUMES,
+                         coords=coords) as f:
         # gzip (43 % of the time at 256³) runs while the compiled passes make the next slabs
         with WriteBehind() as behind:
             table, deformation, attrs = _scan_truth(ms, sample, energy_kev, fractions, max_fractions, scan=scan,
                                                     scan_index=scan_index, seed=seed,
-                                                    out={name: behind.into(v) for name, v in variables.items()})
+                                                    out={name: behind.into(f.variables[name]) for name in _VOLUMES})
         f.attrs.update(attrs)
     return table, deformation
 

@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from twin.errors import InputFileError
-from twin.io import NETCDF_COMPRESSION, atomic_path, write_netcdf
+from twin.io import atomic_path, streamed_netcdf, write_netcdf
 
 TSV_HEADER = ("NodeNumber\tZpos\tYpos\tXpos\tFzz\tFzy\tFzx\tZdisp\tFyz\tFyy\tFyx\tYdisp\tFxz\tFxy\tFxx\tXdisp"
               "\terror\titerations\treturnStatus\tdeltaPhiNorm")
@@ -138,28 +138,16 @@ def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def residuals_file(path: str | Path, scans: list[str], shape: tuple[int, int, int], *, first: str,
-                   noise_threshold: float, voxel_size_um: float) -> Iterator[dict]:
-    """``residuals.nc``, opened for writing volume by volume; yields its variables by name.
+                   noise_threshold: float, voxel_size_um: float) -> Iterator:
+    """``residuals.nc`` to fill residual by residual (``twin.io.streamed_netcdf``); yields its variables by name.
 
     ``residual`` (scan, z, y, x; float16: Ti − ``first`` deformed by Φ₀ᵢ), ``residual_double_scan``
-    (float16) and ``texture_mask`` (uint8), compressed as ``twin.io.write_netcdf`` does, one plane a
-    chunk. The file is what ``write_netcdf`` makes of the same dataset, and appears only when complete.
+    (float16) and ``texture_mask`` (uint8); the file is what ``write_netcdf`` makes of the same dataset.
     """
-    import h5netcdf
-    import h5py
-
     zyx = ("z", "y", "x")
-    with atomic_path(path) as tmp, h5netcdf.File(tmp, "w") as f:
-        f.dimensions = {"scan": len(scans), "z": shape[0], "y": shape[1], "x": shape[2]}
-        f.create_variable("scan", ("scan",), data=np.array(scans, dtype=object), dtype=h5py.string_dtype())
-        plane = (1,) + tuple(shape[1:])
-        variables = {
-            "residual": f.create_variable("residual", ("scan", *zyx), np.float16, chunks=(1,) + plane,
-                                          **NETCDF_COMPRESSION),
-            "residual_double_scan": f.create_variable("residual_double_scan", zyx, np.float16, chunks=plane,
-                                                      **NETCDF_COMPRESSION),
-            "texture_mask": f.create_variable("texture_mask", zyx, np.uint8, chunks=plane, **NETCDF_COMPRESSION),
-        }
-        variables["residual"].attrs["long_name"] = f"Ti - {first} deformed by Phi_0i"
+    variables = {"residual": (("scan", *zyx), np.float16, {"long_name": f"Ti - {first} deformed by Phi_0i"}),
+                 "residual_double_scan": (zyx, np.float16, {}), "texture_mask": (zyx, np.uint8, {})}
+    with streamed_netcdf(path, {"scan": len(scans), "z": shape[0], "y": shape[1], "x": shape[2]}, variables,
+                         coords={"scan": (np.array(scans), {})}) as f:
         f.attrs.update(noise_threshold=noise_threshold, voxel_size_um=voxel_size_um)
-        yield variables
+        yield f.variables

@@ -142,7 +142,7 @@ def test_a_delta_beta_by_node_spacing_sweep_of_the_real_stages_runs_on_a_separat
     assert {stage: len(list((cache / stage).glob("[0-9a-f]*"))) for stage in
             ("truth", "holograms", "reconstruction", "segmentation_training", "dic")} == {
         "truth": 3, "holograms": 3, "reconstruction": 6, "segmentation_training": 2, "dic": 8}
-    assert remote.attrs["sharing_ratio"] < 0.8
+    assert remote.attrs["sharing_ratio"] < 0.8  # 1 if nothing were shared; this sweep in-process measured 0.52
     # the same point in this process gives the same DIC and reconstruction (they never read the U-Nets)
     local = run_sweep("tiny", [parse_param("reconstruction.delta_beta=300"), parse_param("dic.node_spacing_px=[16,12]")],
                       tmp_path / "local", overrides=MICRO)

@@ -183,6 +183,34 @@ def write_netcdf(dataset, path: str | Path, *, compress: bool = True) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def streamed_netcdf(path: str | Path, dimensions: dict[str, int], variables: dict[str, tuple], *,
+                    coords: dict[str, tuple] | None = None) -> Iterator:
+    """A netCDF-4 file to fill variable by variable, slab by slab; yields the open ``h5netcdf.File``.
+
+    ``variables``: name → (dims, dtype, attrs), each chunked by planes of its last two
+    dimensions and compressed as :func:`write_netcdf` does; ``coords``: name → (values, attrs)
+    along the dimension of that name (text values as variable-length strings). Fill
+    ``f.variables[name][...]`` and ``f.attrs``; xarray reads the file as it reads what
+    :func:`write_netcdf` writes of the same dataset. It appears only when complete.
+    """
+    import h5netcdf
+    import h5py
+    import numpy as np
+
+    with atomic_path(path) as tmp, h5netcdf.File(tmp, "w") as f:
+        f.dimensions = dict(dimensions)
+        for name, (values, attrs) in (coords or {}).items():
+            values = np.asarray(values)
+            text = values.dtype.kind in "OU"
+            f.create_variable(name, (name,), data=values.astype(object) if text else values,
+                              dtype=h5py.string_dtype() if text else None).attrs.update(attrs)
+        for name, (dims, dtype, attrs) in variables.items():
+            chunks = (1,) * (len(dims) - 2) + tuple(dimensions[d] for d in dims[-2:])
+            f.create_variable(name, dims, dtype, chunks=chunks, **NETCDF_COMPRESSION).attrs.update(attrs)
+        yield f
+
+
 def read_volume(path: str | Path, *, allow_2d: bool = False) -> tuple[np.ndarray, float | None]:
     """A volume from ``.nc`` (variable ``volume``) or ``.tif``/``.tiff``; returns (float32 array, voxel_size_um or None).
 

@@ -260,14 +260,16 @@ def run_sweep(
     failures: list[dict[str, Any]] = []
     ds = None
 
-    def point_failed(n: int, error: Exception) -> None:
+    def write() -> None:
         nonlocal ds
-        failures.append({"point": points[n], "error": str(error)})
         ds = _dataset(results, dims, coords, base_sc, points, time.perf_counter() - start, failures)
         write_netcdf(ds, out_dir / "sweep.nc")
 
+    def point_failed(n: int, error: Exception) -> None:
+        failures.append({"point": points[n], "error": str(error)})
+        write()
+
     def point_done(n: int) -> None:
-        nonlocal ds
         runner, point = runners[n], points[n]
         metrics = metrics_of(runner)
         metrics["runtime_s.point"] = sum(r.seconds for r in runner.reports)
@@ -276,8 +278,7 @@ def run_sweep(
         index = (tuple(list(p.values).index(point[p.key]) for p in params) if gridded else (n,))
         for name, value in metrics.items():
             results.setdefault(name, np.full(shape, np.nan))[index] = float(value)
-        ds = _dataset(results, dims, coords, base_sc, points, time.perf_counter() - start, failures)
-        write_netcdf(ds, out_dir / "sweep.nc")
+        write()
         finished.append(n)
         if progress is not None:
             progress(len(finished), len(points), point)
