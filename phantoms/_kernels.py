@@ -182,8 +182,8 @@ def _det3(F00, F01, F02, F10, F11, F12, F20, F21, F22):
 def displacement_slab(z0, stride, out, kern, outer, check):
     """u = φ(X) − X (voxels) at the grid points X = (z0 + i, j, k)·stride into out (3, nzs, ny, nx) float32.
 
-    Returns (min det F, flat index into the slab where it occurs); +inf when not ``check``.
-    With ``check``, rows still to do are skipped once a fold is found (the caller refuses the field).
+    Returns, per row (iz, iy) of the slab, the smallest det F and the flat index into the slab where it
+    occurs (+inf when not ``check``): every fold is reported, so the caller can tell which kernels fold.
     """
     rigid_z, ramp, lam, w_nodes, Fh, centre = outer
     n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims, starts, order = kern
@@ -191,10 +191,7 @@ def displacement_slab(z0, stride, out, kern, outer, check):
     _, nzs, ny, nx = out.shape
     row_min = np.full(nzs * ny, np.inf)
     row_at = np.zeros(nzs * ny, np.int64)
-    folded = np.zeros(1, np.bool_)
     for row in prange(nzs * ny):
-        if folded[0]:
-            continue
         iz, iy = row // ny, row % ny
         for ix in range(nx):
             p0, p1, p2 = float((z0 + iz) * stride), float(iy * stride), float(ix * stride)
@@ -211,10 +208,7 @@ def displacement_slab(z0, stride, out, kern, outer, check):
                 if d < row_min[row]:
                     row_min[row] = d
                     row_at[row] = (iz * ny + iy) * nx + ix
-        if row_min[row] <= 0:
-            folded[0] = True
-    k = np.argmin(row_min)
-    return row_min[k], row_at[k]
+    return row_min, row_at
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -243,6 +237,7 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
     for row in prange(nzs * ny):
         iz, iy = row // ny, row % ny
         gz, gy = z0 + iz * stride, iy * stride
+        z = np.nan
         for ix in range(nx):
             gx = ix * stride
             x0, x1, x2 = gz - centre[0], gy - centre[1], gx - centre[2]
@@ -250,7 +245,8 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
             Y1 = centre[1] + Fh_inv[1, 0] * x0 + Fh_inv[1, 1] * x1 + Fh_inv[1, 2] * x2
             Y2 = centre[2] + Fh_inv[2, 0] * x0 + Fh_inv[2, 1] * x1 + Fh_inv[2, 2] * x2
             target = Y0  # A⁻¹: z + w(z) = target, z ↦ z + w(z) increasing (λ > 0)
-            z = target
+            if ix == 0:  # along a row the previous voxel's solution is the start (the same z unless F_h shears)
+                z = target
             for _ in range(100):
                 lz, w = _lam_w(z, lam, w_nodes)
                 step = (z + w - target) / lz

@@ -70,7 +70,15 @@ def _dsmoothstep(s):
 
 
 class FoldingError(ScenarioError):
-    """A deformation whose Jacobian is not positive everywhere (the map folds material onto itself)."""
+    """A deformation whose Jacobian is not positive everywhere (the map folds material onto itself).
+
+    ``voxels`` (n, 3): reference voxels (z, y, x) where det F ≤ 0, the worst of each grid row that folds
+    (empty when the fold is not found on the grid, e.g. a negative λ).
+    """
+
+    def __init__(self, problems, voxels=None):
+        super().__init__(problems)
+        self.voxels = np.zeros((0, 3)) if voxels is None else np.asarray(voxels, float).reshape(-1, 3)
 
 
 @dataclass
@@ -344,9 +352,10 @@ class Deformation:
         Raises
         ------
         FoldingError
-            When det F ≤ 0 at some voxel (with its position and value); slabs after it are not computed.
-            Every second voxel is checked first (an eighth of the work), so most folds are refused before
-            the full pass; a fold between those voxels is found by the full pass.
+            When det F ≤ 0 at some voxel (the worst, with its value; ``voxels``: the worst of each grid row
+            that folds). Every second voxel is checked first (an eighth of the work) and all its folds are
+            reported, so most folds are refused before the full pass; a fold between those voxels is found
+            by the full pass, which stops after the slab where it occurs.
         """
         kern, outer = self._kern(), self._outer_params(False)
         if check:  # every 2nd voxel first: a folding field (the truth's retries) is refused at an eighth of the cost
@@ -354,26 +363,41 @@ class Deformation:
             coarse = (-(-nz // 2), -(-ny // 2), -(-nx // 2))
             step = max(1, SLAB_VOXELS // (coarse[1] * coarse[2]))
             scratch = np.empty((3, step) + coarse[1:], np.float32)
+            folds = []
             for z0 in range(0, coarse[0], step):
                 slab = scratch[:, :min(step, coarse[0] - z0)]
-                self._refuse_fold(compiled.displacement_slab(z0, 2, slab, kern, outer, True), z0, 2, slab.shape[1:])
+                folds.append(self._folds(compiled.displacement_slab(z0, 2, slab, kern, outer, True), z0, 2, slab.shape[1:]))
+            self._refuse_folds(folds)
         out = np.empty((3,) + self.shape, np.float32) if out is None else out
         for z0, z1 in self._slabs():
             slab = out[:, z0:z1] if isinstance(out, np.ndarray) else np.empty((3, z1 - z0) + self.shape[1:], np.float32)
-            self._refuse_fold(compiled.displacement_slab(z0, 1, slab, kern, outer, check), z0, 1, slab.shape[1:])
+            self._refuse_folds([self._folds(compiled.displacement_slab(z0, 1, slab, kern, outer, check), z0, 1,
+                                            slab.shape[1:])])
             if not isinstance(out, np.ndarray):
                 out[:, z0:z1] = slab
         return out
 
     @staticmethod
-    def _refuse_fold(result, z0: int, stride: int, slab_shape) -> None:
-        """Raise FoldingError if a grid pass (:func:`phantoms._kernels.displacement_slab`) found det F ≤ 0."""
-        det, at = result
-        if det <= 0:
-            z, y, x = (int(i) * stride for i in np.unravel_index(at, slab_shape))
+    def _folds(result, z0: int, stride: int, slab_shape) -> tuple[np.ndarray, np.ndarray]:
+        """det F ≤ 0 found by a grid pass (:func:`phantoms._kernels.displacement_slab`): the values and the
+        reference voxels (n, 3) of the worst of each row that folds."""
+        row_min, row_at = result
+        bad = np.flatnonzero(row_min <= 0)
+        voxels = np.column_stack(np.unravel_index(row_at[bad], slab_shape)) * stride
+        voxels[:, 0] += z0 * stride
+        return row_min[bad], voxels
+
+    @staticmethod
+    def _refuse_folds(folds) -> None:
+        """Raise FoldingError if any of ``folds`` (:meth:`_folds` of slabs) holds a fold, naming the worst voxel."""
+        det = np.concatenate([d for d, _ in folds])
+        if det.size:
+            voxels = np.concatenate([v for _, v in folds])
+            worst = int(np.argmin(det))
             raise FoldingError(
-                f"deformation folds: det F = {det:.3g} at voxel (z, y, x) = {(z + z0 * stride, y, x)}; reduce "
-                f"sample.prescribed_bumps / sample.prescribed_deformation_gradient / sample.lithiated_volume_expansion")
+                f"deformation folds: det F = {det[worst]:.3g} at voxel (z, y, x) = {tuple(int(i) for i in voxels[worst])}"
+                f" (and {det.size - 1} more grid rows); reduce sample.prescribed_bumps / "
+                f"sample.prescribed_deformation_gradient / sample.lithiated_volume_expansion", voxels=voxels)
 
     def _slabs(self):
         """(z0, z1) of the slabs of ~SLAB_VOXELS voxels the grid passes go by (bounding their work arrays)."""

@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from phantoms import _kernels as compiled
 from phantoms import optics
-from phantoms.deformation import Deformation, FoldingError
+from phantoms.deformation import SUPPORT, Deformation, FoldingError
 from phantoms.lithiation import lithiate
 from phantoms.microstructure import Microstructure, Recipe, distance_to_background, generate_microstructure
 from phantoms.phases import Phase
@@ -32,8 +32,9 @@ from twin.warnings import TwinWarning
 
 MIN_KERNEL_RADIUS_VOX = 3.0  # particles with a smaller equivalent radius get no swelling kernel
 BUBBLE_GROWTH = 1.5  # a gas bubble's radius grows by this factor from its reference seed region
-SWELLING_DAMPING = 0.7  # factor on the particle kernels' amplitudes per retry after a fold
+SWELLING_DAMPING = 0.7  # factor on a folding particle kernel's amplitude per retry
 SWELLING_RETRIES = 6
+RAMP_FACTOR = 2.5  # the Cu mask m(z) rises over this many times the largest local displacement within it
 
 
 # --- microstructure persistence ----------------------------------------------------------
@@ -293,7 +294,7 @@ def _within_distance(mask: np.ndarray, distance_vox: float) -> np.ndarray:
 
 # --- deformation -----------------------------------------------------------------------------
 def build_deformation(ms: Microstructure, sample, state: dict, *, prescribed: bool,
-                      swelling_scale: float = 1.0) -> Deformation:
+                      swelling_scale: float | np.ndarray = 1.0) -> tuple[Deformation, np.ndarray]:
     """The scan's φ from the particles' swelling, the electrode's axial response and prescribed fields.
 
     Parameters
@@ -305,7 +306,12 @@ def build_deformation(ms: Microstructure, sample, state: dict, *, prescribed: bo
     prescribed
         Include the scenario's prescribed fields (every scan after T0).
     swelling_scale
-        Factor on the particles' kernel amplitudes (< 1 only after a fold, see :func:`truth_for_scan`).
+        Factor on the particles' kernel amplitudes, one or one per row of ``ms.particles`` (< 1 only for
+        particles whose kernels folded the map, see :func:`truth_for_scan`).
+
+    Returns
+    -------
+    The deformation, and the rows of ``ms.particles`` that have a swelling kernel in it.
 
     Notes
     -----
@@ -334,6 +340,7 @@ def build_deformation(ms: Microstructure, sample, state: dict, *, prescribed: bo
     # voxel, at a large cost; their swelling still enters the axial response through the swelling profile.
     amp = amp * swelling_scale
     keep = (np.abs(amp) > 1e-9) & (radii >= MIN_KERNEL_RADIUS_VOX)
+    rows = np.flatnonzero(keep)
     centres, radii, amp = centres[keep], radii[keep], amp[keep]
     if state.get("bubble") is not None:
         c, r0 = state["bubble"]
@@ -342,18 +349,45 @@ def build_deformation(ms: Microstructure, sample, state: dict, *, prescribed: bo
         amp = np.append(amp, BUBBLE_GROWTH - 1.0)
     bumps = np.asarray(sample.prescribed_bumps if prescribed else [], float).reshape(-1, 7)
     F_h = np.asarray(sample.prescribed_deformation_gradient, float) if prescribed and sample.prescribed_deformation_gradient else np.eye(3)
-    return Deformation(ms.phase.shape, a, swell_centre=centres, swell_radius=radii, swell_amplitude=amp,
-                       bump_centre=bumps[:, :3] / a, bump_radius=bumps[:, 3] / a, bump_vector=bumps[:, 4:] / a,
-                       axial_stretch=lam, homogeneous_F=F_h, rigid_below_z=ms.z_cu - 0.5,
-                       rigid_ramp_vox=_rigid_ramp(radii, amp, bumps[:, 4:] / a))
+    deformation = Deformation(ms.phase.shape, a, swell_centre=centres, swell_radius=radii, swell_amplitude=amp,
+                              bump_centre=bumps[:, :3] / a, bump_radius=bumps[:, 3] / a, bump_vector=bumps[:, 4:] / a,
+                              axial_stretch=lam, homogeneous_F=F_h, rigid_below_z=ms.z_cu - 0.5)
+    deformation.rigid_ramp_vox = _rigid_ramp(deformation)  # not part of the kernels' hash: set once they are known
+    return deformation, rows
 
 
-def _rigid_ramp(radii: np.ndarray, amp: np.ndarray, bump_vectors: np.ndarray) -> float:
-    """Width of the mask that keeps the Cu rigid, voxels: 2.5× the largest local displacement (a kernel moves
-    material by at most ~1.2 a R), so m′ |u| ≤ 1.875 / 2.5 < 1 and the ramp itself cannot fold the map."""
-    largest = max(float(np.max(np.abs(amp) * radii * 1.2, initial=0.0)),
-                  float(np.max(np.linalg.norm(bump_vectors, axis=1), initial=0.0)))
-    return max(3.0, 2.5 * largest)
+def _reaching(deformation: Deformation, voxels: np.ndarray) -> np.ndarray:
+    """Indices of ``deformation``'s swelling kernels whose support reaches any of ``voxels`` (n, 3)."""
+    hit = np.zeros(len(deformation.swell_radius), bool)
+    support = SUPPORT * deformation.swell_radius
+    for chunk in np.array_split(voxels, max(1, len(voxels) // 256)):
+        dist = np.linalg.norm(chunk[:, None, :] - deformation.swell_centre[None], axis=2)
+        hit |= (dist < support[None]).any(axis=0)
+    return np.flatnonzero(hit)
+
+
+def _rigid_ramp(deformation: Deformation) -> float:
+    """Width (voxels) over which the mask m(z) that keeps the Cu rigid rises: the smallest r ≥ 3 with
+    r ≥ RAMP_FACTOR × the largest |Σ u_k| on the planes less than r above the Cu (sampled every second voxel
+    across), so that there m′ |u| ≤ 1.875 / RAMP_FACTOR and the mask alone cannot fold the map.
+
+    The largest displacement near the Cu, not the electrode's (a particle near the separator may move
+    material by several voxels): a ramp as wide as that would take the local swelling from the deep
+    particles needlessly.
+    """
+    nz, ny, nx = deformation.shape
+    z_rigid = float(deformation.rigid_below_z)
+    across = np.stack(np.meshgrid(np.arange(0, ny, 2), np.arange(0, nx, 2), indexing="ij"), -1).reshape(-1, 2)
+    points = np.column_stack([np.zeros(len(across)), across]).astype(float)
+    largest = 0.0
+    for z in range(int(np.floor(z_rigid)) + 1, nz):
+        ramp = z - z_rigid
+        if ramp >= 3.0 and ramp >= RAMP_FACTOR * largest:
+            return ramp
+        points[:, 0] = z
+        u, _ = deformation._local_sum(points, False)
+        largest = max(largest, float(np.sqrt((u**2).sum(axis=1)).max()))
+    return max(3.0, nz - z_rigid)
 
 
 # --- the scan's dataset ------------------------------------------------------------------------
@@ -438,34 +472,42 @@ def _scan_truth(ms: Microstructure, sample, energy_kev, fractions, max_fractions
     """Write the scan's volumes into ``out`` (name → array or netCDF variable); return table, deformation, attrs."""
     state = scan_state(ms, sample, energy_kev, np.asarray(fractions, float), np.asarray(max_fractions, float),
                        bubble=scan in sample.gas_bubble_scans)
-    deformation = build_deformation(ms, sample, state, prescribed=scan_index > 0)
-    swelling_scale = 1.0
+    swelling_scale = np.ones(len(ms.particles))
+    deformation, rows = build_deformation(ms, sample, state, prescribed=scan_index > 0)
     for attempt in range(SWELLING_RETRIES + 1):
         try:
             deformation.displacement_field(check=True, out=out["displacement"])
             break
-        except FoldingError:
+        except FoldingError as fold:
             # Superposed particle kernels can fold where several strongly swelling neighbours compress the same
-            # pore; a prescribed field is refused as is, the particles' local part is damped (the axial response
-            # keeps the swelling volume) and the truth stays exactly the field applied.
-            if attempt == SWELLING_RETRIES or not len(deformation.swell_amplitude):
+            # pore (fragments of a cracked particle, say): the kernels that reach a folded voxel are damped, the
+            # others keep their amplitude (the axial response keeps the swelling volume), and the truth stays
+            # exactly the field applied. A fold no particle kernel reaches (a prescribed field) is refused as is.
+            reaching = _reaching(deformation, fold.voxels)
+            folding = rows[reaching[reaching < len(rows)]]  # the particles' kernels come first, a gas bubble's last
+            if attempt == SWELLING_RETRIES or not folding.size:
                 raise
-            swelling_scale *= SWELLING_DAMPING
-            deformation = build_deformation(ms, sample, state, prescribed=scan_index > 0, swelling_scale=swelling_scale)
-    if swelling_scale < 1.0:
-        warnings.warn(f"truth {scan}: particle swelling kernels folded the map; their amplitudes were scaled by "
-                      f"{swelling_scale:.3g}", TwinWarning, stacklevel=3)
+            swelling_scale[folding] *= SWELLING_DAMPING
+            deformation, rows = build_deformation(ms, sample, state, prescribed=scan_index > 0,
+                                                  swelling_scale=swelling_scale)
+    damped = swelling_scale < 1.0
+    if damped.any():
+        warnings.warn(f"truth {scan}: particle swelling kernels folded the map; the amplitudes of {damped.sum()} of "
+                      f"{len(rows)} particles' kernels were scaled down (to {swelling_scale.min():.3g} at least)",
+                      TwinWarning, stacklevel=3)
     rules = state["optics"]
     deformation.warp({"phase": (state["phase"], 0), "particle": (ms.particle, 0), "lithiation": (state["lithiation"], 1)},
                      out=out, derived={("delta", "beta"): (rules.sample, np.float32)})
     a = ms.voxel_size_um
     attrs = {"voxel_size_um": a, "energy_kev": energy_kev, "mechanism": sample.mechanism, "seed": int(seed),
-             "scan": scan, "local_swelling_scale": swelling_scale, "z_cu_voxel": ms.z_cu, "z_top_voxel": ms.z_top}
+             "scan": scan, "local_swelling_scale": float(swelling_scale.min(initial=1.0)), "z_cu_voxel": ms.z_cu,
+             "z_top_voxel": ms.z_top}
     table = ms.particles.copy()
     table["lithiated_fraction"] = np.asarray(fractions, float)
     table["max_lithiated_fraction"] = np.asarray(max_fractions, float)
     table["measured_fraction"] = state["measured_fraction"]
     table["volume_ratio"] = state["volume_ratio"]
+    table["swelling_scale"] = swelling_scale
     table["mechanism"] = sample.mechanism
     moved = deformation.map(table[["z_vox", "y_vox", "x_vox"]].to_numpy(float)) if len(table) else np.zeros((0, 3))
     for k, ax in enumerate("zyx"):

@@ -100,13 +100,16 @@ def test_folding_field_is_refused():
 def test_fold_is_refused_and_located_by_either_pass(centre, radius, push):
     """The fold search looks at every second voxel first (a wide bump folds some of them), then at all: a fold
     confined to voxels between those (radius 1.2 voxels: no all-even voxel but the centre, where F = 0, is
-    within reach) is refused by the full pass. Either way the reported voxel is one where det F ≤ 0 (by the
-    truth API's F)."""
+    within reach) is refused by the full pass. Either way the reported voxel, and every voxel of the error's
+    ``voxels`` (the worst of each folding grid row, what the truth damps kernels by), is one where det F ≤ 0
+    (by the truth API's F)."""
     d = Deformation(SHAPE, 0.2, bump_centre=[centre], bump_radius=[radius], bump_vector=[[push, 0, 0]])
     with pytest.raises(FoldingError, match="det F") as err:
         d.displacement_field()
     voxel = [int(v) for v in err.value.args[0].split("(z, y, x) = (")[1].split(")")[0].split(",")]
     assert np.linalg.det(d.gradient(np.array([voxel], float))[0]) <= 0
+    assert voxel in err.value.voxels.tolist()
+    assert np.all(np.linalg.det(d.gradient(err.value.voxels)) <= 0)
 
 
 def test_strain_measures_agree_with_spam_decomposeF():

@@ -162,6 +162,63 @@ def test_folding_particle_swelling_is_damped_and_the_truth_is_the_field_applied(
     assert np.array_equal(Deformation.from_dict(deformation.to_dict()).displacement_field(check=False), u)
 
 
+def test_only_the_kernels_that_fold_the_map_are_damped():
+    """Fully lithiated particles near the separator (fragments of cracked ones among them) fold the map where
+    their kernels overlap; only kernels reaching a folded voxel are damped: every damped particle's support
+    overlaps that of a fully lithiated one, most particles keep their whole swelling (damping all, as a
+    global scale would, fails this), and the field applied folds nowhere."""
+    import warnings
+
+    from phantoms.deformation import SUPPORT
+    from phantoms.microstructure import generate_microstructure
+    from phantoms.truth import MIN_KERNEL_RADIUS_VOX, truth_for_scan
+
+    sc = load_scenario("tiny")
+    ms = generate_microstructure(sc.sample, np.random.default_rng(1))
+    table = ms.particles
+    hot = table["depth_um"].to_numpy() < 5
+    f = np.where(hot, 1.0, 0.3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds, out, deformation = truth_for_scan(ms, sc.sample, 29.6, f, f, scan="T1", scan_index=1, seed=1)
+    damped = out["swelling_scale"].to_numpy() < 1
+    radius = table["equivalent_diameter_um"].to_numpy() / 2 / ms.voxel_size_um
+    kernel = radius >= MIN_KERNEL_RADIUS_VOX
+    centres = table[["z_vox", "y_vox", "x_vox"]].to_numpy()
+    apart = np.linalg.norm(centres[:, None] - centres[None], axis=2)
+    near_hot = ((apart < SUPPORT * (radius[:, None] + radius[None])) & (hot & kernel)[None]).any(axis=1)
+    assert damped.any() and not (damped & ~near_hot).any()
+    assert (kernel & ~damped).sum() > 0.6 * kernel.sum()  # measured: 20 of 103 kernels damped
+    assert any("20 of 103 particles" in str(w.message) for w in caught)
+    assert ds.attrs["local_swelling_scale"] == out["swelling_scale"].min() < 1
+    np.testing.assert_array_equal(deformation.displacement_field(check=True), ds["displacement"].values)
+
+
+def test_the_rigid_ramp_over_the_cu_does_not_fold_the_map():
+    """The mask m(z) that holds the Cu rigid rises over 2.5× the largest local displacement near the Cu, so
+    m′ |u| ≤ 0.75 at every voxel of the ramp (measured 0.61 here) and half-lithiated particles swell without any
+    damping (with a ramp sized by the largest single kernel, which their superposition exceeds, this field
+    folded just above the Cu and every kernel was damped)."""
+    import warnings
+
+    from phantoms.deformation import _dsmoothstep
+    from phantoms.microstructure import generate_microstructure
+    from phantoms.truth import RAMP_FACTOR, truth_for_scan
+
+    sc = load_scenario("tiny")
+    ms = generate_microstructure(sc.sample, np.random.default_rng(1))
+    f = np.full(len(ms.particles), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fold, no damping warning
+        _, out, d = truth_for_scan(ms, sc.sample, 29.6, f, f, scan="T1", scan_index=1, seed=1)
+    assert (out["swelling_scale"] == 1).all() and len(d.swell_radius) > 50
+    voxels = np.indices(ms.phase.shape).reshape(3, -1).T.astype(float)
+    s = (voxels[:, 0] - d.rigid_below_z) / d.rigid_ramp_vox
+    u, _ = d._local_sum(voxels, False)
+    slope_times_u = _dsmoothstep(s) / d.rigid_ramp_vox * np.linalg.norm(u, axis=1)
+    assert 0.3 < slope_times_u.max() <= 1.875 / RAMP_FACTOR
+
+
 def test_streamed_truth_file_is_the_in_memory_dataset_written(tmp_path, monkeypatch):
     """write_truth (slab by slab into phantom.nc, a fold retry included, the planes compressed by the write-behind
     thread) gives the file write_netcdf writes of truth_for_scan's Dataset: the same variables, values, attributes
