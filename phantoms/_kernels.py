@@ -3,13 +3,15 @@
 The same equations as :class:`phantoms.deformation.Deformation` (its NumPy
 methods are the reference, tested equal to these), evaluated point by point:
 
-* :func:`sum_kernels`: Σ u_k and Σ ∇u_k of the local kernels, found through a
-  uniform-cell hash of the kernel centres, so time goes with the (point, kernel)
-  pairs in reach and memory stays at the outputs;
+* :func:`_row_sums`: Σ u_k and Σ ∇u_k of the local kernels at the points of one
+  grid row, kernel by kernel over the points its support reaches (found through a
+  uniform-cell hash of the kernel centres), in loops LLVM vectorises: time goes
+  with the (point, kernel) pairs in reach;
+* :func:`sum_kernels`: the same at arbitrary points, grouped by hash cell;
 * :func:`displacement_slab`: u = φ(X) − X on grid voxels with det F, fused (no
   (n, 3, 3) temporaries);
 * :func:`inverse_slab`: φ⁻¹ on grid voxels, H and A inverted in closed form / by
-  1-D Newton and L by Newton iterations per point;
+  1-D Newton and L by Newton iterations, a row's points together;
 * :func:`sample_nearest`, :func:`sample_linear`: ``map_coordinates`` of order 0
   and 1 with ``mode="nearest"``.
 
@@ -60,100 +62,156 @@ def _smooth(s):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _kernel_sum(p0, p1, p2, n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h,
-                dims, starts, order, gradient):
-    """Σ u_k and (if ``gradient``) Σ ∇u_k at (p0, p1, p2): the tuple (u0, u1, u2, F00, F01, …, F22).
+def _candidates(lo0, hi0, lo1, hi1, lo2, hi2, origin, inv_h, dims, starts, order, seen, out):
+    """The kernels listed in the hash cells that the box [lo, hi] touches, each once, into ``out``; their count.
+    ``seen`` (bool, one per kernel, all False) is left all False."""
+    a0 = max(int(np.floor((lo0 - origin[0]) * inv_h)), 0)
+    b0 = min(int(np.floor((hi0 - origin[0]) * inv_h)), dims[0] - 1)
+    a1 = max(int(np.floor((lo1 - origin[1]) * inv_h)), 0)
+    b1 = min(int(np.floor((hi1 - origin[1]) * inv_h)), dims[1] - 1)
+    a2 = max(int(np.floor((lo2 - origin[2]) * inv_h)), 0)
+    b2 = min(int(np.floor((hi2 - origin[2]) * inv_h)), dims[2] - 1)
+    n = 0
+    for c0 in range(a0, b0 + 1):
+        for c1 in range(a1, b1 + 1):
+            for c2 in range(a2, b2 + 1):
+                cell = (c0 * dims[1] + c1) * dims[2] + c2
+                for q in range(starts[cell], starts[cell + 1]):
+                    k = order[q]
+                    if not seen[k]:
+                        seen[k] = True
+                        out[n] = k
+                        n += 1
+    for i in range(n):
+        seen[out[i]] = False
+    return n
 
-    Scalars rather than small arrays: numba keeps them in registers (~1.5× faster). The kernels come as
-    ``kern``'s members, unpacked by the caller outside its loops: a tuple of arrays unpacked per point
-    costs reference counting on every member (~30 ns per call measured on a synthetic field).
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_sums(P0, P1, P2, gx, n, kern, gradient, acc, seen, cand):
+    """Σ u_k into acc[0:3, i] and (if ``gradient``) Σ ∇u_k into acc[3:12, i] (row-major 3×3) at the points
+    (P0[i], P1[i], P2[i]), i < n, of one row of a grid, ``gx`` their grid x (ascending).
+
+    Kernel by kernel (found through the cell hash from the points' box), over the points whose row
+    passes through its support: the chord from the nearest the points' (z, y) box comes to the
+    centre, widened by how far the points lie from their grid x. The loop over those points is
+    contiguous and branch-free (the smoothstep clamped, so a point beyond the support adds exactly 0),
+    so LLVM vectorises it (unsigned indices: numba adds no negative-index wraparound).
+    ``seen``, ``cand``: scratch, one entry per kernel.
     """
-    u0 = u1 = u2 = 0.0
-    F00 = F01 = F02 = F10 = F11 = F12 = F20 = F21 = F22 = 0.0
-    cz = int(np.floor((p0 - origin[0]) * inv_h))
-    cy = int(np.floor((p1 - origin[1]) * inv_h))
-    cx = int(np.floor((p2 - origin[2]) * inv_h))
-    if cz < 0 or cz >= dims[0] or cy < 0 or cy >= dims[1] or cx < 0 or cx >= dims[2]:
-        return u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22
-    cell = (cz * dims[1] + cy) * dims[2] + cx
-    for q in range(starts[cell], starts[cell + 1]):
-        k = order[q]
-        y0, y1, y2 = p0 - centres[k, 0], p1 - centres[k, 1], p2 - centres[k, 2]
-        r2 = y0 * y0 + y1 * y1 + y2 * y2
-        if r2 >= supports[k] * supports[k]:
+    n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims, starts, order = kern
+    acc[:, :n] = 0.0
+    if n == 0:
+        return
+    reach = 0.0
+    lo0 = hi0 = P0[0]
+    lo1 = hi1 = P1[0]
+    for i in range(n):
+        lo0, hi0 = min(lo0, P0[i]), max(hi0, P0[i])
+        lo1, hi1 = min(lo1, P1[i]), max(hi1, P1[i])
+        reach = max(reach, abs(P2[i] - gx[i]))
+    m = _candidates(lo0, hi0, lo1, hi1, gx[0] - reach, gx[n - 1] + reach, origin, inv_h, dims, starts, order, seen, cand)
+    for j in range(m):
+        k = cand[j]
+        sup = supports[k]
+        d0 = max(lo0 - centres[k, 0], 0.0, centres[k, 0] - hi0)
+        d1 = max(lo1 - centres[k, 1], 0.0, centres[k, 1] - hi1)
+        rho2 = d0 * d0 + d1 * d1
+        if rho2 >= sup * sup:
             continue
-        r = np.sqrt(r2)
-        inv_r = 1.0 / r if r > 0 else 0.0
-        iR = inv_radii[k]
-        if k < n_swell:
-            S, dS = _smooth((r * iR - 1.0) * inv_transition)
-            a = amps[k]
-            aG = a * (1.0 - S)
-            u0 += aG * y0
-            u1 += aG * y1
-            u2 += aG * y2
+        half = np.sqrt(sup * sup - rho2) + reach
+        first = np.uint64(np.searchsorted(gx[:n], centres[k, 2] - half))
+        end = np.uint64(np.searchsorted(gx[:n], centres[k, 2] + half, side="right"))
+        _add_kernel(k, first, end, P0, P1, P2, n_swell, centres, inv_radii, amps, vectors, inv_transition, gradient,
+                    acc)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _add_kernel(k, first, end, P0, P1, P2, n_swell, centres, inv_radii, amps, vectors, inv_transition, gradient, acc):
+    """Add kernel k's u and ∇u at points first ≤ i < end (unsigned) into acc."""
+    c0, c1, c2 = centres[k, 0], centres[k, 1], centres[k, 2]
+    iR = inv_radii[k]
+    if k < n_swell:
+        a = amps[k]
+        for i in range(first, end):
+            y0, y1, y2 = P0[i] - c0, P1[i] - c1, P2[i] - c2
+            r = np.sqrt(y0 * y0 + y1 * y1 + y2 * y2)
+            s = min(max((r * iR - 1.0) * inv_transition, 0.0), 1.0)
+            aG = a * (1.0 - s * s * s * (10.0 - 15.0 * s + 6.0 * s * s))
+            acc[0, i] += aG * y0
+            acc[1, i] += aG * y1
+            acc[2, i] += aG * y2
             if gradient:
-                c = -a * dS * iR * inv_transition * inv_r
-                F00 += c * y0 * y0 + aG
-                F01 += c * y0 * y1
-                F02 += c * y0 * y2
-                F10 += c * y1 * y0
-                F11 += c * y1 * y1 + aG
-                F12 += c * y1 * y2
-                F20 += c * y2 * y0
-                F21 += c * y2 * y1
-                F22 += c * y2 * y2 + aG
-        else:
-            S, dS = _smooth(r * iR)
-            B = 1.0 - S
-            v0, v1, v2 = vectors[k, 0], vectors[k, 1], vectors[k, 2]
-            u0 += B * v0
-            u1 += B * v1
-            u2 += B * v2
+                c = -a * 30.0 * s * s * (1.0 - s) * (1.0 - s) * iR * inv_transition / max(r, 1e-300)
+                acc[3, i] += c * y0 * y0 + aG
+                acc[4, i] += c * y0 * y1
+                acc[5, i] += c * y0 * y2
+                acc[6, i] += c * y1 * y0
+                acc[7, i] += c * y1 * y1 + aG
+                acc[8, i] += c * y1 * y2
+                acc[9, i] += c * y2 * y0
+                acc[10, i] += c * y2 * y1
+                acc[11, i] += c * y2 * y2 + aG
+    else:
+        v0, v1, v2 = vectors[k, 0], vectors[k, 1], vectors[k, 2]
+        for i in range(first, end):
+            y0, y1, y2 = P0[i] - c0, P1[i] - c1, P2[i] - c2
+            r = np.sqrt(y0 * y0 + y1 * y1 + y2 * y2)
+            s = min(r * iR, 1.0)
+            B = 1.0 - s * s * s * (10.0 - 15.0 * s + 6.0 * s * s)
+            acc[0, i] += B * v0
+            acc[1, i] += B * v1
+            acc[2, i] += B * v2
             if gradient:
-                c = -dS * iR * inv_r
-                F00 += v0 * c * y0
-                F01 += v0 * c * y1
-                F02 += v0 * c * y2
-                F10 += v1 * c * y0
-                F11 += v1 * c * y1
-                F12 += v1 * c * y2
-                F20 += v2 * c * y0
-                F21 += v2 * c * y1
-                F22 += v2 * c * y2
-    return u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22
+                c = -30.0 * s * s * (1.0 - s) * (1.0 - s) * iR / max(r, 1e-300)
+                acc[3, i] += v0 * c * y0
+                acc[4, i] += v0 * c * y1
+                acc[5, i] += v0 * c * y2
+                acc[6, i] += v1 * c * y0
+                acc[7, i] += v1 * c * y1
+                acc[8, i] += v1 * c * y2
+                acc[9, i] += v2 * c * y0
+                acc[10, i] += v2 * c * y1
+                acc[11, i] += v2 * c * y2
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _scratch(kern, n):
+    """Work arrays of :func:`_row_sums` for rows of up to n points: acc, seen, cand."""
+    n_kernels = kern[1].shape[0]
+    return np.empty((12, n)), np.zeros(n_kernels, np.bool_), np.empty(n_kernels, np.int64)
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
-def sum_kernels(P, kern, gradient):
-    """Σ u_k (n, 3) and Σ ∇u_k (n, 3, 3) at points P (n, 3)."""
-    n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims, starts, order = kern
+def sum_kernels(P, groups, kern, gradient):
+    """Σ u_k (n, 3) and Σ ∇u_k (n, 3, 3) at points P (n, 3), given as ``groups`` (CSR starts) of points that
+    share a hash cell in (z, y), each sorted by x (see :meth:`Deformation._local_sum`)."""
     n = P.shape[0]
     u = np.zeros((n, 3))
     F = np.zeros((n, 3, 3)) if gradient else np.zeros((1, 3, 3))
-    for p in prange(n):
-        t = _kernel_sum(P[p, 0], P[p, 1], P[p, 2], n_swell, centres, inv_radii, amps, vectors, supports, inv_transition,
-                        origin, inv_h, dims, starts, order, gradient)
-        u[p, 0], u[p, 1], u[p, 2] = t[0], t[1], t[2]
-        if gradient:
-            F[p, 0, 0], F[p, 0, 1], F[p, 0, 2] = t[3], t[4], t[5]
-            F[p, 1, 0], F[p, 1, 1], F[p, 1, 2] = t[6], t[7], t[8]
-            F[p, 2, 0], F[p, 2, 1], F[p, 2, 2] = t[9], t[10], t[11]
+    for g in prange(groups.size - 1):
+        lo, hi = groups[g], groups[g + 1]
+        acc, seen, cand = _scratch(kern, hi - lo)
+        P2 = np.ascontiguousarray(P[lo:hi, 2])
+        _row_sums(np.ascontiguousarray(P[lo:hi, 0]), np.ascontiguousarray(P[lo:hi, 1]), P2, P2, hi - lo, kern,
+                  gradient, acc, seen, cand)
+        for i in range(hi - lo):
+            u[lo + i, 0], u[lo + i, 1], u[lo + i, 2] = acc[0, i], acc[1, i], acc[2, i]
+            if gradient:
+                for q in range(9):
+                    F[lo + i, q // 3, q % 3] = acc[3 + q, i]
     return u, F
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _local(p0, p1, p2, n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims,
-           starts, order, rigid_z, ramp, gradient):
-    """u_L = m Σu_k, ∇u_L = m Σ∇u_k + Σu_k ⊗ m′ e_z with the Cu mask m(z) (see Deformation._local); same tuple."""
-    u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22 = _kernel_sum(
-        p0, p1, p2, n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims, starts,
-        order, gradient)
-    inv_ramp = 1.0 / ramp  # loop-invariant once inlined: hoisted out of the grid loops
+def _masked(acc, i, p0, rigid_z, inv_ramp):
+    """u_L = m Σu_k, ∇u_L = m Σ∇u_k + Σu_k ⊗ m′ e_z with the Cu mask m(z) at height p0 (see Deformation._local),
+    from point i of :func:`_row_sums`' acc: the tuple (u0, u1, u2, F00, F01, …, F22)."""
     m, dm = _smooth((p0 - rigid_z) * inv_ramp)
     dm *= inv_ramp
-    return (m * u0, m * u1, m * u2, m * F00 + u0 * dm, m * F01, m * F02, m * F10 + u1 * dm, m * F11, m * F12,
-            m * F20 + u2 * dm, m * F21, m * F22)
+    u0, u1, u2 = acc[0, i], acc[1, i], acc[2, i]
+    return (m * u0, m * u1, m * u2, m * acc[3, i] + u0 * dm, m * acc[4, i], m * acc[5, i], m * acc[6, i] + u1 * dm,
+            m * acc[7, i], m * acc[8, i], m * acc[9, i] + u2 * dm, m * acc[10, i], m * acc[11, i])
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -186,18 +244,20 @@ def displacement_slab(z0, stride, out, kern, outer, check):
     occurs (+inf when not ``check``): every fold is reported, so the caller can tell which kernels fold.
     """
     rigid_z, ramp, lam, w_nodes, Fh, centre = outer
-    n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims, starts, order = kern
     det_h = _det3(Fh[0, 0], Fh[0, 1], Fh[0, 2], Fh[1, 0], Fh[1, 1], Fh[1, 2], Fh[2, 0], Fh[2, 1], Fh[2, 2])
+    inv_ramp = 1.0 / ramp
     _, nzs, ny, nx = out.shape
     row_min = np.full(nzs * ny, np.inf)
     row_at = np.zeros(nzs * ny, np.int64)
     for row in prange(nzs * ny):
         iz, iy = row // ny, row % ny
+        p0, p1 = float((z0 + iz) * stride), float(iy * stride)
+        P2 = np.arange(nx) * float(stride)
+        acc, seen, cand = _scratch(kern, nx)
+        _row_sums(np.full(nx, p0), np.full(nx, p1), P2, P2, nx, kern, check, acc, seen, cand)
         for ix in range(nx):
-            p0, p1, p2 = float((z0 + iz) * stride), float(iy * stride), float(ix * stride)
-            u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22 = _local(
-                p0, p1, p2, n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims,
-                starts, order, rigid_z, ramp, check)
+            p2 = P2[ix]
+            u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22 = _masked(acc, ix, p0, rigid_z, inv_ramp)
             lz, w = _lam_w(p0 + u0, lam, w_nodes)
             Z0, Z1, Z2 = p0 + u0 + w - centre[0], p1 + u1 - centre[1], p2 + u2 - centre[2]
             out[0, iz, iy, ix] = centre[0] + Fh[0, 0] * Z0 + Fh[0, 1] * Z1 + Fh[0, 2] * Z2 - p0
@@ -225,27 +285,29 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
 
     ``guess``: φ⁻¹ on the grid of every 2nd voxel (from a ``stride=2`` call), interpolated
     trilinearly as the starting point; empty (shape (3, 0, 0, 0)): start from Y − u_L(Y).
-    Newton steps on L are clipped to one voxel (the kernels are strongly nonlinear
-    where they compress). Returns the largest final residual |φ(X) − x|∞ (voxels)
-    and the total number of Newton iterations.
+    A row's points iterate together, the kernel sums of those not yet converged evaluated at
+    once (:func:`_row_sums`). Newton steps on L are clipped to one voxel (the kernels are
+    strongly nonlinear where they compress). Returns the largest final residual |φ(X) − x|∞
+    (voxels) and the total number of Newton iterations (kernel sums at a point).
     """
     rigid_z, ramp, lam, w_nodes, Fh_inv, centre = outer
-    n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims, starts, order = kern
+    inv_ramp = 1.0 / ramp
     _, nzs, ny, nx = X.shape
     worst = np.zeros(nzs * ny)
     iterations = np.zeros(nzs * ny, np.int64)
     for row in prange(nzs * ny):
         iz, iy = row // ny, row % ny
         gz, gy = z0 + iz * stride, iy * stride
+        gx = np.arange(nx) * float(stride)
+        Y = np.empty((3, nx))
+        P = np.empty((3, nx))
         z = np.nan
         for ix in range(nx):
-            gx = ix * stride
-            x0, x1, x2 = gz - centre[0], gy - centre[1], gx - centre[2]
-            Y0 = centre[0] + Fh_inv[0, 0] * x0 + Fh_inv[0, 1] * x1 + Fh_inv[0, 2] * x2  # H⁻¹
-            Y1 = centre[1] + Fh_inv[1, 0] * x0 + Fh_inv[1, 1] * x1 + Fh_inv[1, 2] * x2
-            Y2 = centre[2] + Fh_inv[2, 0] * x0 + Fh_inv[2, 1] * x1 + Fh_inv[2, 2] * x2
-            target = Y0  # A⁻¹: z + w(z) = target, z ↦ z + w(z) increasing (λ > 0)
-            if ix == 0:  # along a row the previous voxel's solution is the start (the same z unless F_h shears)
+            x0, x1, x2 = gz - centre[0], gy - centre[1], gx[ix] - centre[2]
+            target = centre[0] + Fh_inv[0, 0] * x0 + Fh_inv[0, 1] * x1 + Fh_inv[0, 2] * x2  # H⁻¹
+            Y[1, ix] = centre[1] + Fh_inv[1, 0] * x0 + Fh_inv[1, 1] * x1 + Fh_inv[1, 2] * x2
+            Y[2, ix] = centre[2] + Fh_inv[2, 0] * x0 + Fh_inv[2, 1] * x1 + Fh_inv[2, 2] * x2
+            if ix == 0:  # A⁻¹: z + w(z) = target by 1-D Newton, from the row's previous solution
                 z = target
             for _ in range(100):
                 lz, w = _lam_w(z, lam, w_nodes)
@@ -253,27 +315,41 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
                 z -= step
                 if abs(step) < 1e-10:
                     break
-            Y0 = z
-            if guess.shape[1] > 0:
-                cz, cy, cx = gz // 2, gy // 2, gx // 2
-                fz, fy, fx = 0.5 * (gz % 2), 0.5 * (gy % 2), 0.5 * (gx % 2)
-                P0 = _trilinear(guess[0], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
-                P1 = _trilinear(guess[1], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
-                P2 = _trilinear(guess[2], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
-            else:  # L⁻¹ by Newton from X = Y − u_L(Y)
-                t = _local(Y0, Y1, Y2, n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin,
-                           inv_h, dims, starts, order, rigid_z, ramp, False)
-                P0, P1, P2 = Y0 - t[0], Y1 - t[1], Y2 - t[2]
-            res = np.inf
-            for _ in range(100):
-                iterations[row] += 1
-                u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22 = _local(
-                    P0, P1, P2, n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h,
-                    dims, starts, order, rigid_z, ramp, True)
-                r0, r1, r2 = P0 + u0 - Y0, P1 + u1 - Y1, P2 + u2 - Y2
+            Y[0, ix] = z
+        acc, seen, cand = _scratch(kern, nx)
+        if guess.shape[1] > 0:
+            cz, cy = gz // 2, gy // 2
+            fz, fy = 0.5 * (gz % 2), 0.5 * (gy % 2)
+            for ix in range(nx):
+                cx, fx = (ix * stride) // 2, 0.5 * ((ix * stride) % 2)
+                for c in range(3):
+                    P[c, ix] = _trilinear(guess[c], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
+        else:  # L⁻¹ by Newton from X = Y − u_L(Y)
+            _row_sums(Y[0], Y[1], Y[2], gx, nx, kern, False, acc, seen, cand)
+            for ix in range(nx):
+                t = _masked(acc, ix, Y[0, ix], rigid_z, inv_ramp)
+                for c in range(3):
+                    P[c, ix] = Y[c, ix] - t[c]
+        # the points still iterating, gathered: their sums are evaluated together
+        active = np.arange(nx)
+        Pa = np.empty((3, nx))
+        ga = np.empty(nx)
+        n_active = nx
+        for it in range(100):
+            for j in range(n_active):
+                i = active[j]
+                Pa[0, j], Pa[1, j], Pa[2, j], ga[j] = P[0, i], P[1, i], P[2, i], gx[i]
+            iterations[row] += n_active
+            _row_sums(Pa[0], Pa[1], Pa[2], ga, n_active, kern, True, acc, seen, cand)
+            still = 0
+            for j in range(n_active):
+                i = active[j]
+                u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22 = _masked(acc, j, Pa[0, j], rigid_z, inv_ramp)
+                r0, r1, r2 = Pa[0, j] + u0 - Y[0, i], Pa[1, j] + u1 - Y[1, i], Pa[2, j] + u2 - Y[2, i]
                 res = max(abs(r0), abs(r1), abs(r2))
                 if res < tol:
-                    break
+                    worst[row] = max(worst[row], res)
+                    continue
                 F00 += 1.0
                 F11 += 1.0
                 F22 += 1.0
@@ -292,12 +368,18 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
                 s2 = (c20 * r0 + c21 * r1 + c22 * r2) * inv_det
                 norm = np.sqrt(s0 * s0 + s1 * s1 + s2 * s2)
                 shrink = 1.0 / norm if norm > 1.0 else 1.0
-                P0 -= shrink * s0
-                P1 -= shrink * s1
-                P2 -= shrink * s2
-            X[0, iz, iy, ix], X[1, iz, iy, ix], X[2, iz, iy, ix] = P0, P1, P2
-            if res > worst[row]:
-                worst[row] = res
+                P[0, i] -= shrink * s0
+                P[1, i] -= shrink * s1
+                P[2, i] -= shrink * s2
+                if it == 99:  # out of iterations: the residual before this step is the one reported
+                    worst[row] = max(worst[row], res)
+                active[still] = i
+                still += 1
+            n_active = still
+            if n_active == 0:
+                break
+        for ix in range(nx):
+            X[0, iz, iy, ix], X[1, iz, iy, ix], X[2, iz, iy, ix] = P[0, ix], P[1, ix], P[2, ix]
     return worst.max(), iterations.sum()
 
 

@@ -56,6 +56,7 @@ log = logging.getLogger("phantoms.deformation")
 
 SUPPORT = 2.5  # swelling kernels reach SUPPORT × R: wide enough to fold nowhere for (1 + a)³ up to ~4
 NEWTON_TOL_VOX = 1e-6
+GROUP_POINTS = 4096  # points the compiled kernel sums at arbitrary points take together (12 float64 each)
 SLAB_VOXELS = 1 << 19  # voxels per slab of the grid passes (the warp's inverse coordinates: 24 bytes per voxel)
 
 
@@ -215,8 +216,21 @@ class Deformation:
         if len(centres) == 0:
             return u, F
         if self.backend == "numba":
-            uf, Ff = compiled.sum_kernels(np.ascontiguousarray(P.reshape(-1, 3), dtype=np.float64), self._kern(), gradient)
-            return uf.reshape(P.shape), (Ff.reshape(P.shape[:-1] + (3, 3)) if gradient else None)
+            flat = np.asarray(P, dtype=np.float64).reshape(-1, 3)
+            kern = self._kern()
+            # points grouped by hash cell in (z, y), each group sorted by x and cut into runs of at most
+            # GROUP_POINTS: what compiled.sum_kernels evaluates like a grid row
+            cells = np.floor((flat[:, :2] - kern[7][:2]) * kern[8]).astype(np.int64)
+            order = np.lexsort((flat[:, 2], cells[:, 1], cells[:, 0]))
+            new_cell = np.flatnonzero((np.diff(cells[order], axis=0) != 0).any(axis=1)) + 1
+            bounds = np.concatenate([[0], new_cell, [len(flat)]])
+            groups = np.unique(np.concatenate([np.arange(lo, hi, GROUP_POINTS) for lo, hi in zip(bounds[:-1], bounds[1:])]
+                                              + [[len(flat)]]))
+            uf, Ff = compiled.sum_kernels(flat[order], groups.astype(np.int64), kern, gradient)
+            u.reshape(-1, 3)[order] = uf
+            if gradient:
+                F.reshape(-1, 3, 3)[order] = Ff
+            return u, F
         flat = P.reshape(-1, 3)
         tree = cKDTree(flat)
         for k, (c, sup) in enumerate(zip(centres, self._support)):
