@@ -417,23 +417,22 @@ _SILICON = (int(Phase.SI_CRYSTALLINE), int(Phase.SI_LITHIATED), int(Phase.SI_AMO
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _optics_at(z, y, x, phase, lith, porosity, partial, lut, lixsi, consts):
-    """(δ, β) of reference voxel (z, y, x) from its phase, Li content and CBD porosity.
+def _optics_at(v, phase, lith, porosity, partial, lut, lixsi, inv_dx, consts):
+    """(δ, β) of reference voxel v (flat index) from its phase, Li content and CBD porosity.
 
     ``lut`` (phases, 2): per-phase values; ``lixsi`` (n, 3): x, δ, β of LixSi at n equally spaced x
-    (indexed directly, no search); ``consts``: CBD solid δ, β; electrolyte δ, β; c-Si δ, β; LixSi at
-    x = 0 δ, β; SEI δ, β; SEI partial-volume weight. (:class:`phantoms.truth.OpticsRules` documents
-    the rules; this evaluates them where the warp samples.)
+    (indexed directly, 1 / spacing ``inv_dx``, no search); ``consts``: CBD solid δ, β; electrolyte δ, β;
+    c-Si δ, β; LixSi at x = 0 δ, β; SEI δ, β; SEI partial-volume weight. ``partial``: flat bool, or empty.
+    (:class:`phantoms.truth.OpticsRules` documents the rules; this evaluates them where the warp samples.)
     """
-    ph = phase[z, y, x]
+    ph = phase[v]
     if ph == _CBD:
-        p = porosity[z, y, x]
+        p = porosity[v]
         delta = (1.0 - p) * consts[0] + p * consts[2]
         beta = (1.0 - p) * consts[1] + p * consts[3]
     elif ph == _SILICON[0] or ph == _SILICON[1] or ph == _SILICON[2]:
         n = lixsi.shape[0]
-        s = (lith[z, y, x] - lixsi[0, 0]) / (lixsi[n - 1, 0] - lixsi[0, 0]) * (n - 1)
-        s = min(max(s, 0.0), n - 1.0)
+        s = min(max((lith[v] - lixsi[0, 0]) * inv_dx, 0.0), n - 1.0)
         lo = min(int(s), n - 2)
         t = s - lo
         delta = lixsi[lo, 1] * (1.0 - t) + lixsi[lo + 1, 1] * t
@@ -443,7 +442,7 @@ def _optics_at(z, y, x, phase, lith, porosity, partial, lut, lixsi, consts):
             beta += consts[5] - consts[7]
     else:
         delta, beta = lut[ph, 0], lut[ph, 1]
-    if partial.shape[0] > 0 and partial[z, y, x]:
+    if partial.size > 0 and partial[v]:
         delta = (1.0 - consts[10]) * delta + consts[10] * consts[8]
         beta = (1.0 - consts[10]) * beta + consts[10] * consts[9]
     return delta, beta
@@ -452,23 +451,24 @@ def _optics_at(z, y, x, phase, lith, porosity, partial, lut, lixsi, consts):
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def sample_optics(phase, lith, porosity, partial, lut, lixsi, consts, coords, out_delta, out_beta):
     """out_delta[i], out_beta[i] = trilinear interpolation at coords[:, i] of δ and β evaluated per voxel by
-    :func:`_optics_at` (coordinates clamped: mode "nearest"). ``partial``: bool volume, or shape (0, 0, 0)."""
+    :func:`_optics_at` (coordinates clamped: mode "nearest"). Volumes C-contiguous; ``partial``: bool
+    volume, or shape (0, 0, 0)."""
     nz, ny, nx = phase.shape
+    phase_f, lith_f, porosity_f, partial_f = phase.reshape(-1), lith.reshape(-1), porosity.reshape(-1), partial.reshape(-1)
+    inv_dx = (lixsi.shape[0] - 1) / (lixsi[lixsi.shape[0] - 1, 0] - lixsi[0, 0])
     for i in prange(coords.shape[1]):
         z0, z1, fz = _cell(coords[0, i], nz)
         y0, y1, fy = _cell(coords[1, i], ny)
         x0, x1, fx = _cell(coords[2, i], nx)
+        base = (z0 * ny + y0) * nx + x0
+        step_z, step_y, step_x = (z1 - z0) * ny * nx, (y1 - y0) * nx, x1 - x0
         delta = beta = 0.0
-        for dz in range(2):
-            wz = fz if dz else 1.0 - fz
-            zz = z1 if dz else z0
-            for dy in range(2):
-                wy = wz * (fy if dy else 1.0 - fy)
-                yy = y1 if dy else y0
-                for dx in range(2):
-                    w = wy * (fx if dx else 1.0 - fx)
-                    d, b = _optics_at(zz, yy, x1 if dx else x0, phase, lith, porosity, partial, lut, lixsi, consts)
-                    delta += w * d
-                    beta += w * b
+        for corner in range(8):
+            dz, dy, dx = corner >> 2, (corner >> 1) & 1, corner & 1
+            w = (fz if dz else 1.0 - fz) * (fy if dy else 1.0 - fy) * (fx if dx else 1.0 - fx)
+            d, b = _optics_at(base + dz * step_z + dy * step_y + dx * step_x, phase_f, lith_f, porosity_f, partial_f,
+                              lut, lixsi, inv_dx, consts)
+            delta += w * d
+            beta += w * b
         out_delta[i] = delta
         out_beta[i] = beta
