@@ -47,6 +47,27 @@ def test_write_behind_files_decode_to_the_values_written(tmp_path_factory, nz, n
             assert ds[name].encoding["zlib"] and ds[name].encoding["shuffle"]
 
 
+def test_planes_deflated_by_several_threads_give_the_same_file(tmp_path, monkeypatch):
+    """With several compression threads (machines with more than two cores) the chunks written are byte for byte
+    those of one thread, in order."""
+    import h5py
+
+    values = np.random.default_rng(0).normal(0, 1, (9, 5, 6)).astype(np.float32)
+    chunks = {}
+    for threads in (1, 3):
+        monkeypatch.setattr("twin.io.COMPRESSION_THREADS", threads)
+        path = tmp_path / f"{threads}.nc"
+        with h5netcdf.File(path, "w") as f:
+            variable = _variables(f, values.shape, np.float32)["planes"]
+            with WriteBehind() as behind:
+                behind.into(variable)[0:4] = values[0:4].copy()
+                behind.into(variable)[4:9] = values[4:9].copy()
+        with h5py.File(path) as f:
+            chunks[threads] = [f["planes"].id.read_direct_chunk((z, 0, 0))[1] for z in range(9)]
+            np.testing.assert_array_equal(f["planes"][...], values)
+    assert chunks[1] == chunks[3]
+
+
 def test_write_behind_hands_the_writers_error_to_the_producer():
     """A failing write (the disk full) is raised when the producer next writes, and on leaving the ``with``."""
     class Full:

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 NETCDF_ENGINE = "h5netcdf"
 NETCDF_COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+# threads that deflate a write-behind slab's planes together (zlib releases the GIL); 1 on a 2-core machine, where
+# the producer's own threads take both cores
+COMPRESSION_THREADS = max(1, (os.cpu_count() or 1) - 2)
+_deflaters = None  # (threads, their pool), made on first use
 
 
 @contextlib.contextmanager
@@ -66,7 +70,8 @@ class WriteBehind:
     """Writes into array-like targets (h5py / h5netcdf variables) done in order by one background thread.
 
     HDF5's gzip runs on one core; a producer whose work releases the GIL (the phantom's compiled
-    passes do) computes the next slab meanwhile. ``behind.into(target)`` takes ``obj[key] = value`` as
+    passes do) computes the next slab meanwhile, and a slab's planes are deflated by
+    ``COMPRESSION_THREADS`` threads together (the cores the machine has beyond two). ``behind.into(target)`` takes ``obj[key] = value`` as
     ``target`` does; the value is written later, so the caller must not change it afterwards (give
     fresh arrays). At most ``max_pending`` writes wait, holding their arrays. Leaving the ``with``
     waits for every write and raises the thread's first error (e.g. the disk is full); a write
@@ -134,9 +139,21 @@ def _store(target, key, value) -> None:
 
     value = np.ascontiguousarray(value, dtype=dataset.dtype)
     planes = value.reshape(-1, *value.shape[-2:])
-    for offset, plane in zip(starts, planes):
-        shuffled = plane.reshape(-1).view(np.uint8).reshape(-1, dataset.dtype.itemsize).T.tobytes()
-        dataset.id.write_direct_chunk(offset, zlib.compress(shuffled, dataset.compression_opts))
+    itemsize, level = dataset.dtype.itemsize, dataset.compression_opts
+
+    def deflate(plane):
+        return zlib.compress(plane.reshape(-1).view(np.uint8).reshape(-1, itemsize).T.tobytes(), level)
+
+    chunks = map(deflate, planes)
+    if COMPRESSION_THREADS > 1 and len(planes) > 1:
+        global _deflaters
+        if _deflaters is None or _deflaters[0] != COMPRESSION_THREADS:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _deflaters = (COMPRESSION_THREADS, ThreadPoolExecutor(COMPRESSION_THREADS, thread_name_prefix="deflate"))
+        chunks = _deflaters[1].map(deflate, planes)
+    for offset, chunk in zip(starts, chunks):
+        dataset.id.write_direct_chunk(offset, chunk)
 
 
 def _plane_starts(dataset, key, shape) -> list[tuple[int, ...]] | None:
