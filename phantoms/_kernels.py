@@ -1,7 +1,7 @@
 """Compiled evaluation of the deformation (numba, already required by spam).
 
 The same equations as :class:`phantoms.deformation.Deformation` (its NumPy
-methods are the reference, tested equal to these), evaluated point by point:
+methods are the reference, tested equal to these), evaluated row by row:
 
 * :func:`_row_sums`: Σ u_k and Σ ∇u_k of the local kernels at the points of one
   grid row, kernel by kernel over the points its support reaches (found through a
