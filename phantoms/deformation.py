@@ -218,15 +218,15 @@ class Deformation:
         if self.backend == "numba":
             flat = np.asarray(P, dtype=np.float64).reshape(-1, 3)
             kern = self._kern()
-            # points grouped by hash cell in (z, y), each group sorted by x and cut into runs of at most
-            # GROUP_POINTS: what compiled.sum_kernels evaluates like a grid row
+            # points grouped by hash cell in (z, y) (kern[7], kern[8]: the hash's origin and 1 / cell edge), each
+            # group sorted by x and cut into runs of at most GROUP_POINTS: what compiled.sum_kernels sums like rows
             cells = np.floor((flat[:, :2] - kern[7][:2]) * kern[8]).astype(np.int64)
             order = np.lexsort((flat[:, 2], cells[:, 1], cells[:, 0]))
             new_cell = np.flatnonzero((np.diff(cells[order], axis=0) != 0).any(axis=1)) + 1
             bounds = np.concatenate([[0], new_cell, [len(flat)]])
-            groups = np.unique(np.concatenate([np.arange(lo, hi, GROUP_POINTS) for lo, hi in zip(bounds[:-1], bounds[1:])]
-                                              + [[len(flat)]]))
-            uf, Ff = compiled.sum_kernels(flat[order], groups.astype(np.int64), kern, gradient)
+            runs = [np.arange(lo, hi, GROUP_POINTS) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            groups = np.append(np.concatenate(runs), len(flat)).astype(np.int64)
+            uf, Ff = compiled.sum_kernels(flat[order], groups, kern, gradient)
             u.reshape(-1, 3)[order] = uf
             if gradient:
                 F.reshape(-1, 3, 3)[order] = Ff

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from phantoms import _kernels as compiled
 from phantoms import optics
@@ -262,8 +263,8 @@ class OpticsRules:
         partial = sei_partial if sei_partial is not None else np.zeros((0, 0, 0), bool)
         if not np.allclose(np.diff(oc.lixsi_x), oc.lixsi_x[1] - oc.lixsi_x[0]):
             raise ValueError("OpticsRules: the LixSi table must be on equally spaced x (it is indexed, not searched)")
-        return cls(lut, np.column_stack([oc.lixsi_x, oc.lixsi_delta, oc.lixsi_beta]).astype(float), consts, phase,
-                   lithiation, porosity, partial)
+        volumes = (np.ascontiguousarray(v) for v in (phase, lithiation, porosity, partial))  # the sampler reads them flat
+        return cls(lut, np.column_stack([oc.lixsi_x, oc.lixsi_delta, oc.lixsi_beta]).astype(float), consts, *volumes)
 
     def sample(self, coords: np.ndarray, delta: np.ndarray, beta: np.ndarray) -> None:
         """Trilinear δ and β at reference coordinates ``coords`` (3, n) into ``delta``, ``beta`` (n,), in one pass
@@ -356,14 +357,11 @@ def build_deformation(ms: Microstructure, sample, state: dict, *, prescribed: bo
     return deformation, rows
 
 
-def _reaching(deformation: Deformation, voxels: np.ndarray) -> np.ndarray:
-    """Indices of ``deformation``'s swelling kernels whose support reaches any of ``voxels`` (n, 3)."""
-    hit = np.zeros(len(deformation.swell_radius), bool)
-    support = SUPPORT * deformation.swell_radius
-    for chunk in np.array_split(voxels, max(1, len(voxels) // 256)):
-        dist = np.linalg.norm(chunk[:, None, :] - deformation.swell_centre[None], axis=2)
-        hit |= (dist < support[None]).any(axis=0)
-    return np.flatnonzero(hit)
+def _reaching(centres: np.ndarray, radii: np.ndarray, voxels: np.ndarray) -> np.ndarray:
+    """Indices of the swelling kernels (centres (k, 3), radii (k,), voxels) whose support reaches any of ``voxels``."""
+    if not len(centres) or not len(voxels):
+        return np.zeros(0, int)
+    return np.flatnonzero(cKDTree(voxels).query_ball_point(centres, SUPPORT * radii, return_length=True) > 0)
 
 
 def _rigid_ramp(deformation: Deformation) -> float:
@@ -483,8 +481,8 @@ def _scan_truth(ms: Microstructure, sample, energy_kev, fractions, max_fractions
             # pore (fragments of a cracked particle, say): the kernels that reach a folded voxel are damped, the
             # others keep their amplitude (the axial response keeps the swelling volume), and the truth stays
             # exactly the field applied. A fold no particle kernel reaches (a prescribed field) is refused as is.
-            reaching = _reaching(deformation, fold.voxels)
-            folding = rows[reaching[reaching < len(rows)]]  # the particles' kernels come first, a gas bubble's last
+            folding = rows[_reaching(deformation.swell_centre[:len(rows)], deformation.swell_radius[:len(rows)],
+                                     fold.voxels)]  # the particles' kernels come first, a gas bubble's last
             if attempt == SWELLING_RETRIES or not folding.size:
                 raise
             swelling_scale[folding] *= SWELLING_DAMPING

@@ -71,7 +71,8 @@ class WriteBehind:
 
     HDF5's gzip runs on one core; a producer whose work releases the GIL (the phantom's compiled
     passes do) computes the next slab meanwhile, and a slab's planes are deflated by
-    ``COMPRESSION_THREADS`` threads together (the cores the machine has beyond two). ``behind.into(target)`` takes ``obj[key] = value`` as
+    ``COMPRESSION_THREADS`` threads together (the cores the machine has beyond two).
+    ``behind.into(target)`` takes ``obj[key] = value`` as
     ``target`` does; the value is written later, so the caller must not change it afterwards (give
     fresh arrays). At most ``max_pending`` writes wait, holding their arrays. Leaving the ``with``
     waits for every write and raises the thread's first error (e.g. the disk is full); a write
