@@ -95,3 +95,34 @@ def test_front_level_bounds_and_volume_function():
     for pid, f in ((1, 0.5), (2, 0.25)):
         assert x[labels == pid].mean() / X_FULL == pytest.approx(f)
     assert np.all(si_phase[labels == 0] == 255)
+
+
+@settings(max_examples=20, deadline=None)
+@given(z=st.lists(st.floats(-8.0, 8.0), min_size=1, max_size=200))
+def test_tabulated_front_profile_is_half_erfc(z):
+    """The interpolated profile equals scipy's ½ erfc (an independent implementation) to 1e-12."""
+    from scipy.special import erfc
+
+    from phantoms.lithiation import PROFILE, _profile
+
+    values = np.array([_profile(v, PROFILE)[0] for v in z])
+    assert np.abs(values - 0.5 * erfc(np.asarray(z))).max() < 1e-12
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), width=st.sampled_from([0.0, 0.7, 2.0]))
+def test_lithiate_volume_equals_each_particle_alone(seed, width):
+    """The volume pass (particles grouped by label, in parallel) gives each particle what lithiate_particle gives
+    its voxels taken in index order; voxels of no particle stay 0 / 255."""
+    rng = np.random.default_rng(seed)
+    labels, n = ndimage.label(ndimage.gaussian_filter(rng.standard_normal((20, 22, 24)), 1.5) > 0.1)
+    key = rng.random(labels.shape).astype(np.float32) * 10
+    f_max = dict(zip(range(1, n + 1), rng.uniform(0, 1, n)))
+    f = {pid: fm * rng.uniform(0, 1) for pid, fm in f_max.items()}
+    x, si_phase = lithiate(labels, key, f, f_max, width)
+    for pid in range(1, n + 1):
+        own = labels == pid
+        xp, php = lithiate_particle(key[own].astype(float), f[pid], f_max[pid], width)
+        np.testing.assert_array_equal(x[own], xp.astype(np.float32))
+        np.testing.assert_array_equal(si_phase[own], php)
+    assert np.all(x[labels == 0] == 0) and np.all(si_phase[labels == 0] == 255)
