@@ -53,6 +53,38 @@ def nearest_fragment(centres, radii, reach, pore, noise):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
+def fits_in_pore(centres, radii, pore):
+    """Whether each ball fits: no voxel outside ``pore`` lies closer than r + ½ to its centre.
+
+    The same as ``distance_to_background(pore)[centre] >= r + 0.5`` (voxels beyond the volume's
+    border count as pore), without the whole volume's distance transform.
+
+    Parameters
+    ----------
+    centres : (n, 3) int64 voxel indices; radii : (n,) voxels; pore : bool volume.
+    """
+    nz, ny, nx = pore.shape
+    fits = np.empty(centres.shape[0], np.bool_)
+    for i in prange(centres.shape[0]):
+        cz, cy, cx = centres[i, 0], centres[i, 1], centres[i, 2]
+        reach2 = (radii[i] + 0.5) ** 2
+        w = int(radii[i] + 0.5) + 1
+        ok = True
+        for z in range(max(0, cz - w), min(nz, cz + w + 1)):
+            for y in range(max(0, cy - w), min(ny, cy + w + 1)):
+                for x in range(max(0, cx - w), min(nx, cx + w + 1)):
+                    if not pore[z, y, x] and (z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 < reach2:
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if not ok:
+                break
+        fits[i] = ok
+    return fits
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def power_cells(z_offset, seeds, weights, facets, h_min, roundness, shape_noise, noise_amplitude, block, cell, gauge):
     """Laguerre cell (1-based seed index) and perturbed gauge of every voxel of an (ez, ny, nx) box.
 

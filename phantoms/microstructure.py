@@ -371,10 +371,6 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
     # (5) fragments in the widest pores
     pore = np.zeros(shape, bool)
     pore[z_cu:z_top] = particle[z_cu:z_top] == 0
-    # the electrode's layers and one background plane either side give the same distances as the whole volume
-    e_lo, e_hi = max(0, z_cu - 1), min(nz, z_top + 1)
-    room = np.zeros(shape, np.float32)
-    room[e_lo:e_hi] = distance_to_background(pore[e_lo:e_hi])
     # Fragments also make up for the Si that cracks and dropped specks removed, so the total Si matches the recipe.
     n_frag_target = recipe.si * (z_top - z_cu) * n_lat * n_lat - np.count_nonzero(particle)
     fragment_ids = []
@@ -384,7 +380,7 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         n_cand = int(30 * n_frag_target / mean_vol) + 16
         cand = np.column_stack([rng.uniform(z_cu, z_top - 1, n_cand), rng.uniform(0, n_lat - 1, (n_cand, 2))])
         r_cand = rng.uniform(r_lo, r_hi, n_cand)
-        ok = room[tuple(np.round(cand).astype(int).T)] >= r_cand + 0.5
+        ok = _voxelize.fits_in_pore(np.round(cand).astype(np.int64), r_cand, pore)
         cand, r_cand = cand[ok], r_cand[ok]
         # drop every candidate that would touch an earlier one (earlier ones win; no sequential pass needed)
         keep = np.ones(len(cand), bool)
@@ -405,12 +401,14 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         particle[inside] = first + owner[inside]
         fragment_ids = list(range(first, first + len(cand)))
         del owner, inside
-    del room, pore
+    del pore
 
     # Distance of Si voxels to their particle's own surface: contacts with other particles count as surface.
     surface = None
     if sample.mechanism == "core_shell":
         surface = np.zeros(shape, np.float32)
+        # the electrode's layers and one background plane either side give the same distances as the whole volume
+        e_lo, e_hi = max(0, z_cu - 1), min(nz, z_top + 1)
         surface[e_lo:e_hi] = distance_to_background(particle[e_lo:e_hi])
 
     # (6) CBD at necks and contacts

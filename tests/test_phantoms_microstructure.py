@@ -109,6 +109,20 @@ def test_distance_to_background_equals_scipy_edt(seed, fill):
     np.testing.assert_allclose(distance_to_background(labels), expected, rtol=1e-6)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), fill=st.floats(0.5, 0.99))
+def test_a_ball_fits_in_the_pores_where_scipys_distance_transform_says(seed, fill):
+    """fits_in_pore equals scipy's EDT of the pore space at the centre >= r + 1/2 (border voxels not background)."""
+    from phantoms._voxelize import fits_in_pore
+
+    rng = np.random.default_rng(seed)
+    pore = rng.random((21, 17, 19)) < fill
+    centres = np.column_stack([rng.integers(0, n, 200) for n in pore.shape]).astype(np.int64)
+    radii = rng.uniform(0.2, 5.0, 200)
+    room = ndimage.distance_transform_edt(np.pad(pore, 1, constant_values=True))[1:-1, 1:-1, 1:-1]
+    np.testing.assert_array_equal(fits_in_pore(centres, radii, pore), room[tuple(centres.T)] >= radii + 0.5)
+
+
 @pytest.mark.parametrize("shape", [(64, 48, 80), (63, 47, 81)])  # even and odd: the Nyquist planes differ
 @pytest.mark.parametrize("sigma", [0.8, 2.0, 3.5])
 def test_smooth_noise_has_unit_variance_and_the_gaussian_correlation(sigma, shape):
