@@ -279,6 +279,22 @@ def _trilinear(v, z0, z1, y0, y1, x0, x1, fz, fy, fx):
     return a * (1 - fz) + b * fz
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_is_rigid(Y, gx, n, kern, rigid_z, seen, cand):
+    """Whether u_L = 0 at all points Y (3, n) of a row (grid x ``gx``): they lie in the Cu foil (mask 0), or no
+    kernel's hash cell meets their box (no kernel reaches them)."""
+    lo0, hi0, lo1, hi1, reach = Y[0, 0], Y[0, 0], Y[1, 0], Y[1, 0], 0.0
+    for i in range(n):
+        lo0, hi0 = min(lo0, Y[0, i]), max(hi0, Y[0, i])
+        lo1, hi1 = min(lo1, Y[1, i]), max(hi1, Y[1, i])
+        reach = max(reach, abs(Y[2, i] - gx[i]))
+    if hi0 <= rigid_z:
+        return True
+    _, _, _, _, _, _, _, origin, inv_h, dims, starts, order = kern
+    return _candidates(lo0, hi0, lo1, hi1, gx[0] - reach, gx[n - 1] + reach, origin, inv_h, dims, starts, order, seen,
+                       cand) == 0
+
+
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def inverse_slab(z0, stride, X, guess, kern, outer, tol):
     """φ⁻¹(x) (voxels) at the grid points x = (z0 + i, j, k)·stride into X (3, nzs, ny, nx) float64.
@@ -286,7 +302,7 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
     ``guess``: φ⁻¹ on the grid of every 2nd voxel (from a ``stride=2`` call), interpolated
     trilinearly as the starting point; empty (shape (3, 0, 0, 0)): start from Y − u_L(Y).
     A row's points iterate together, the kernel sums of those not yet converged evaluated at
-    once (:func:`_row_sums`). Newton steps on L are clipped to one voxel (the kernels are
+    once (:func:`_row_sums`); a row no kernel reaches (or in the Cu foil) takes X = Y = (H ∘ A)⁻¹(x). Newton steps on L are clipped to one voxel (the kernels are
     strongly nonlinear where they compress). Returns the largest final residual |φ(X) − x|∞
     (voxels) and the total number of Newton iterations (kernel sums at a point).
     """
@@ -317,6 +333,10 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
                     break
             Y[0, ix] = z
         acc, seen, cand = _scratch(kern, nx)
+        if _row_is_rigid(Y, gx, nx, kern, rigid_z, seen, cand):  # L is the identity there: X = Y exactly
+            for ix in range(nx):
+                X[0, iz, iy, ix], X[1, iz, iy, ix], X[2, iz, iy, ix] = Y[0, ix], Y[1, ix], Y[2, ix]
+            continue
         if guess.shape[1] > 0:
             cz, cy = gz // 2, gy // 2
             fz, fy = 0.5 * (gz % 2), 0.5 * (gy % 2)

@@ -369,7 +369,8 @@ class Deformation:
             When det F ≤ 0 at some voxel (the worst, with its value; ``voxels``: the worst of each grid row
             that folds). Every second voxel is checked first (an eighth of the work) and all its folds are
             reported, so most folds are refused before the full pass; a fold between those voxels is found
-            by the full pass, which stops after the slab where it occurs.
+            by the full pass, which goes first through the slabs where that coarse det F is smallest and
+            stops after the first slab that folds.
         """
         kern, outer = self._kern(), self._outer_params(False)
         if check:  # every 2nd voxel first: a folding field (the truth's retries) is refused at an eighth of the cost
@@ -377,13 +378,19 @@ class Deformation:
             coarse = (-(-nz // 2), -(-ny // 2), -(-nx // 2))
             step = max(1, SLAB_VOXELS // (coarse[1] * coarse[2]))
             scratch = np.empty((3, step) + coarse[1:], np.float32)
-            folds = []
+            folds, plane_min = [], []
             for z0 in range(0, coarse[0], step):
                 slab = scratch[:, :min(step, coarse[0] - z0)]
-                folds.append(self._folds(compiled.displacement_slab(z0, 2, slab, kern, outer, True), z0, 2, slab.shape[1:]))
+                result = compiled.displacement_slab(z0, 2, slab, kern, outer, True)
+                folds.append(self._folds(result, z0, 2, slab.shape[1:]))
+                plane_min.append(result[0].reshape(slab.shape[1], -1).min(axis=1))
             self._refuse_folds(folds)
+            plane_min = np.concatenate(plane_min)
         out = np.empty((3,) + self.shape, np.float32) if out is None else out
-        for z0, z1 in self._slabs():
+        slabs = self._slabs()
+        if check:  # the slabs where the coarse det F comes nearest to 0 first: a fold between its voxels stops early
+            slabs.sort(key=lambda zs: plane_min[max(0, zs[0] // 2 - 1):zs[1] // 2 + 2].min())
+        for z0, z1 in slabs:
             slab = out[:, z0:z1] if isinstance(out, np.ndarray) else np.empty((3, z1 - z0) + self.shape[1:], np.float32)
             self._refuse_folds([self._folds(compiled.displacement_slab(z0, 1, slab, kern, outer, check), z0, 1,
                                             slab.shape[1:])])
