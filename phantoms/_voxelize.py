@@ -160,10 +160,11 @@ def label_centres(labels, n):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def band_distance(labels, planes, starts, noise, roughness):
+def band_distance(labels, planes, starts, noise, roughness, z0):
     """max(0, min over its particle's planes of |X · n − o| + roughness · noise) at every labelled voxel, else 0.
 
     ``planes`` (P, 4) rows (n_z, n_y, n_x, o) with |n| = 1; particle k owns rows starts[k]:starts[k + 1].
+    ``labels`` and ``noise`` are the layers from z = z0 on: voxel (k, j, i) sits at X = (z0 + k, j, i).
     """
     nz, ny, nx = labels.shape
     out = np.zeros(labels.shape, np.float32)
@@ -175,6 +176,6 @@ def band_distance(labels, planes, starts, noise, roughness):
                     continue
                 best = np.inf
                 for p in range(starts[k], starts[k + 1]):
-                    best = min(best, abs(z * planes[p, 0] + y * planes[p, 1] + x * planes[p, 2] - planes[p, 3]))
+                    best = min(best, abs((z0 + z) * planes[p, 0] + y * planes[p, 1] + x * planes[p, 2] - planes[p, 3]))
                 out[z, y, x] = max(0.0, best + roughness * noise[z, y, x])
     return out

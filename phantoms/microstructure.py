@@ -368,9 +368,13 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         wav = 0.4 * np.sin((grid @ _random_rotation(rng)[0]) / max(1.0, 0.15 * d50))
         sub[(sub == pid) & (dist + wav < half_width)] = 0
 
-    # (5) fragments in the widest pores
-    pore = np.zeros(shape, bool)
-    pore[z_cu:z_top] = particle[z_cu:z_top] == 0
+    # (5) fragments in the widest pores. From here on the fields live on the electrode's layers and one
+    # background plane either side (slice e): nothing but Cu and separator lies beyond.
+    e_lo, e_hi = max(0, z_cu - 1), min(nz, z_top + 1)
+    e = slice(e_lo, e_hi)
+    e_shape = (e_hi - e_lo, n_lat, n_lat)
+    pore = np.zeros(e_shape, bool)
+    pore[z_cu - e_lo:z_top - e_lo] = particle[z_cu:z_top] == 0
     # Fragments also make up for the Si that cracks and dropped specks removed, so the total Si matches the recipe.
     n_frag_target = recipe.si * (z_top - z_cu) * n_lat * n_lat - np.count_nonzero(particle)
     fragment_ids = []
@@ -380,17 +384,18 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         n_cand = int(30 * n_frag_target / mean_vol) + 16
         cand = np.column_stack([rng.uniform(z_cu, z_top - 1, n_cand), rng.uniform(0, n_lat - 1, (n_cand, 2))])
         r_cand = rng.uniform(r_lo, r_hi, n_cand)
-        ok = _voxelize.fits_in_pore(np.round(cand).astype(np.int64), r_cand, pore)
-        cand, r_cand = cand[ok], r_cand[ok]
+        centres_e = np.round(cand).astype(np.int64) - [e_lo, 0, 0]
+        ok = _voxelize.fits_in_pore(centres_e, r_cand, pore)
+        cand, r_cand, centres_e = cand[ok], r_cand[ok], centres_e[ok]
         # drop every candidate that would touch an earlier one (earlier ones win; no sequential pass needed)
         keep = np.ones(len(cand), bool)
         if len(cand) > 1:
             pairs = cKDTree(cand).query_pairs(2 * r_hi + 1.0, output_type="ndarray")
             close = np.linalg.norm(cand[pairs[:, 0]] - cand[pairs[:, 1]], axis=1) < r_cand[pairs[:, 0]] + r_cand[pairs[:, 1]] + 1.0
             keep[pairs[close].max(axis=1)] = False
-        cand, r_cand = cand[keep], r_cand[keep]
-        frag_noise = smooth_noise(shape, 0.7, rng)
-        owner = _voxelize.nearest_fragment(np.round(cand).astype(np.int64), r_cand, 2 * r_hi + 1.0, pore, frag_noise)
+        cand, r_cand, centres_e = cand[keep], r_cand[keep], centres_e[keep]
+        frag_noise = smooth_noise(e_shape, 0.7, rng)
+        owner = _voxelize.nearest_fragment(centres_e, r_cand, 2 * r_hi + 1.0, pore, frag_noise)
         del frag_noise
         # take fragments in their random order until their voxels reach the target
         counts = np.bincount(owner[owner >= 0], minlength=len(cand))
@@ -398,46 +403,40 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
         inside = (owner >= 0) & (owner < n_take)
         cand = cand[:n_take]
         first = int(particle.max()) + 1
-        particle[inside] = first + owner[inside]
+        particle[e][inside] = first + owner[inside]
         fragment_ids = list(range(first, first + len(cand)))
         del owner, inside
-    del pore
 
     # Distance of Si voxels to their particle's own surface: contacts with other particles count as surface.
     surface = None
     if sample.mechanism == "core_shell":
         surface = np.zeros(shape, np.float32)
-        # the electrode's layers and one background plane either side give the same distances as the whole volume
-        e_lo, e_hi = max(0, z_cu - 1), min(nz, z_top + 1)
-        surface[e_lo:e_hi] = distance_to_background(particle[e_lo:e_hi])
+        surface[e] = distance_to_background(particle[e])  # the same distances as over the whole volume
 
     # (6) CBD at necks and contacts
-    si = particle > 0
-    neck = gaussian_filter_fft(si, 0.18 * d50, pad_z=int(np.ceil(4 * 0.18 * d50)))  # laterally periodic
-    agglomerate = smooth_noise(shape, max(0.5, 0.4 / a), rng)
-    score = neck
-    score += 0.12 * agglomerate
-    del agglomerate
-    pore = np.zeros(shape, bool)
-    pore[z_cu:z_top] = ~si[z_cu:z_top]
+    si = particle[e] > 0
+    score = gaussian_filter_fft(si, 0.18 * d50, pad_z=int(np.ceil(4 * 0.18 * d50)))  # laterally periodic
+    score += 0.12 * smooth_noise(e_shape, max(0.5, 0.4 / a), rng)  # agglomerates
+    pore &= ~si
     n_cbd = int(round(recipe.cbd_domain * (z_top - z_cu) * n_lat * n_lat))
     pore_scores = score[pore]
     n_cbd = min(n_cbd, pore_scores.size)
-    cbd = np.zeros(shape, bool)
+    cbd = np.zeros(e_shape, bool)
     if n_cbd > 0:
         thresh = np.partition(pore_scores, pore_scores.size - n_cbd)[pore_scores.size - n_cbd]
         cbd = pore & (score >= thresh)
-    del neck, score, pore_scores
+    del score, pore_scores, pore
     # One sub-voxel texture field serves the CBD's nanoporosity and the bands' edge roughness: they use disjoint voxels.
-    texture = smooth_noise(shape, 0.7, rng)
-    cbd_porosity = np.where(cbd, np.clip(sample.cbd_nanoporosity + 0.15 * texture, 0.02, 0.98), 0).astype(np.float32)
+    texture = smooth_noise(e_shape, 0.7, rng)
+    cbd_porosity = np.zeros(shape, np.float32)
+    cbd_porosity[e] = np.where(cbd, np.clip(sample.cbd_nanoporosity + 0.15 * texture, 0.02, 0.98), 0)
 
     phase = np.full(shape, Phase.ELECTROLYTE, np.uint8)
     phase[:z_cu] = Phase.COPPER
     phase[z_top:] = Phase.SEPARATOR
-    phase[cbd] = Phase.CBD
-    phase[si] = Phase.SI_CRYSTALLINE
-    del cbd, si, pore
+    phase[e][cbd] = Phase.CBD
+    phase[e][si] = Phase.SI_CRYSTALLINE
+    del cbd, si
 
     # (7) lithiation band planes per particle, and each Si voxel's distance to its particle's nearest one
     n_labels = int(particle.max())
@@ -471,7 +470,8 @@ def generate_microstructure(sample, rng: np.random.Generator) -> Microstructure:
     planes = np.concatenate(plane_rows) if plane_rows else np.zeros((0, 4))
     band = None
     if sample.mechanism == "pathway":
-        band = _voxelize.band_distance(particle, planes, np.asarray(plane_starts, np.int64), texture, 0.5)
+        band = np.zeros(shape, np.float32)
+        band[e] = _voxelize.band_distance(particle[e], planes, np.asarray(plane_starts, np.int64), texture, 0.5, e_lo)
     table = pd.DataFrame(rows)
     if len(table):
         cracked_ids = {pid for pid, cr in zip(ids, cracked) if cr}

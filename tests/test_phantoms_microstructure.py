@@ -221,8 +221,8 @@ def test_label_centres_and_band_distances_match_numpy():
     planes = np.column_stack([normals, rng.uniform(-3, 3, 5)])
     starts = np.array([0, 0, 2, 2, 5, 5])  # particle 2 has no planes: distance 0
     noise = rng.standard_normal(labels.shape).astype(np.float32)
-    out = band_distance(labels, planes, starts, noise, 0.5)
-    X = np.indices(labels.shape).reshape(3, -1).T
+    out = band_distance(labels, planes, starts, noise, 0.5, 3)  # the layers from z = 3 on
+    X = np.indices(labels.shape).reshape(3, -1).T + [3, 0, 0]
     for k, rows in ((1, slice(0, 2)), (3, slice(2, 5))):
         own = labels.reshape(-1) == k
         d = np.abs(X[own] @ planes[rows, :3].T - planes[rows, 3]).min(axis=1)
