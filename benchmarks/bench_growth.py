@@ -1,8 +1,8 @@
 """How time and peak memory grow with the voxel count and the projection count, as measured exponents.
 
-Each measurement runs in a child process that first builds its inputs, then times one stage call while a thread
-samples the resident set every 5 ms; the peak growth over the resident set before the call is the stage's
-working memory (inputs excluded; outputs held in memory included). Stages and what they get:
+Each measurement runs in a child process that first builds its inputs, then times one stage call; the peak
+growth of the resident set over the one before the call (``peak_memory.peak_growth``: the kernel's high-water
+mark on Linux) is the stage's working memory (inputs excluded; outputs held in memory included). Stages and what they get:
 
 - ``holograms``: :func:`twin.instrument.write_scan` (what the stage runs: simulated and written a chunk of
   angles at a time) of an n³ phantom (``quickstart``'s optics, n detector columns) at ``n_projections`` angles,
@@ -32,8 +32,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -117,29 +115,14 @@ def _prepare(stage: str, n: int, n_projections: int, tmp: Path):
 def child(stage: str, n: int, n_projections: int) -> dict:
     import gc
 
-    import psutil
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peak_memory import peak_growth
 
     with tempfile.TemporaryDirectory() as tmp:
         call = _prepare(stage, n, n_projections, Path(tmp))
         gc.collect()
-        proc = psutil.Process()
-        base = proc.memory_info().rss
-        peak = [base]
-        done = threading.Event()
-
-        def sample():  # ru_maxrss would keep the set-up's high-water mark
-            while not done.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                time.sleep(0.005)
-
-        thread = threading.Thread(target=sample)
-        thread.start()
-        start = time.perf_counter()
-        call()
-        seconds = time.perf_counter() - start
-        done.set()
-        thread.join()
-    return {"stage": stage, "n": n, "n_projections": n_projections, "seconds": seconds, "peak_bytes": peak[0] - base}
+        _, seconds, peak = peak_growth(call)
+    return {"stage": stage, "n": n, "n_projections": n_projections, "seconds": seconds, "peak_bytes": peak}
 
 
 def _measure(stage: str, n: int, n_projections: int) -> dict:

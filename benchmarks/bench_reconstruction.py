@@ -102,27 +102,17 @@ def speed(tmp: Path, n_projections: int = 200) -> dict:
 
 
 _CHILD = r"""
-import json, sys, threading, time
-import psutil
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from peak_memory import peak_growth
 from pipeline.nxtomo_io import open_scan
 from pipeline.reconstruction import Reconstructor
 from twin.scenario import load_scenario
 import nabu.preproc.phase, nabu.preproc.flatfield, nabu.estimation.cor, nabu.reconstruction.rings, astra, skimage.exposure
 scan = open_scan(sys.argv[1])
 rec = Reconstructor(scan, load_scenario("quickstart").reconstruction)
-proc = psutil.Process()
-base = proc.memory_info().rss
-peak = [base]
-done = threading.Event()
-def sample():  # resident set sampled every 5 ms: ru_maxrss would keep the import's high-water mark
-    while not done.is_set():
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.005)
-t = threading.Thread(target=sample); t.start()
-result = rec.run()
-done.set(); t.join()
-print(json.dumps({"baseline_bytes": base, "peak_bytes": peak[0], "output_bytes": result.delta.nbytes,
-                  "shape": list(result.delta.shape)}))
+result, _, grown = peak_growth(rec.run)
+print(json.dumps({"peak_growth_bytes": grown, "output_bytes": result.delta.nbytes, "shape": list(result.delta.shape)}))
 """
 
 
@@ -130,9 +120,10 @@ def memory(tmp: Path, n_projections: int = 128) -> dict:
     path = tmp / "mem.nx"
     _simulate(path, [f"beamline.n_projections={n_projections}", "sample.lateral_size_um=51.2", "beamline.detector_pixels=256"],
               shape=(256, 256, 256))
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(Path(__file__).resolve().parent)],
+                         capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    grown = r["peak_bytes"] - r["baseline_bytes"]
+    grown = r["peak_growth_bytes"]
     return {
         "memory_volume_shape": r["shape"],
         "memory_n_projections": n_projections,

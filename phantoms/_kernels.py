@@ -471,8 +471,9 @@ def _optics_at(v, phase, lith, porosity, partial, lut, lixsi, inv_dx, consts):
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def sample_optics(phase, lith, porosity, partial, lut, lixsi, consts, coords, out_delta, out_beta):
     """out_delta[i], out_beta[i] = trilinear interpolation at coords[:, i] of δ and β evaluated per voxel by
-    :func:`_optics_at` (coordinates clamped: mode "nearest"). Volumes C-contiguous; ``partial``: bool
-    volume, or shape (0, 0, 0)."""
+    :func:`_optics_at` (coordinates clamped: mode "nearest"); where the eight voxels around the point are
+    all of one phase of constant δ and β (no SEI partial volume), that constant. Volumes C-contiguous;
+    ``partial``: bool volume, or shape (0, 0, 0)."""
     nz, ny, nx = phase.shape
     phase_f, lith_f, porosity_f, partial_f = phase.reshape(-1), lith.reshape(-1), porosity.reshape(-1), partial.reshape(-1)
     inv_dx = (lixsi.shape[0] - 1) / (lixsi[lixsi.shape[0] - 1, 0] - lixsi[0, 0])
@@ -482,6 +483,14 @@ def sample_optics(phase, lith, porosity, partial, lut, lixsi, consts, coords, ou
         x0, x1, fx = _cell(coords[2, i], nx)
         base = (z0 * ny + y0) * nx + x0
         step_z, step_y, step_x = (z1 - z0) * ny * nx, (y1 - y0) * nx, x1 - x0
+        ph = phase_f[base]
+        uniform = partial_f.size == 0 or not partial_f[base]
+        for corner in range(1, 8):
+            v = base + (corner >> 2) * step_z + ((corner >> 1) & 1) * step_y + (corner & 1) * step_x
+            uniform = uniform and phase_f[v] == ph and (partial_f.size == 0 or not partial_f[v])
+        if uniform and ph != _CBD and ph != _SILICON[0] and ph != _SILICON[1] and ph != _SILICON[2]:
+            out_delta[i], out_beta[i] = lut[ph, 0], lut[ph, 1]  # one phase of constant δ, β around the point
+            continue
         delta = beta = 0.0
         for corner in range(8):
             dz, dy, dx = corner >> 2, (corner >> 1) & 1, corner & 1
