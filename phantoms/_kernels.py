@@ -296,11 +296,13 @@ def _row_is_rigid(Y, gx, n, kern, rigid_z, seen, cand):
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
-def inverse_slab(z0, stride, X, guess, kern, outer, tol):
-    """φ⁻¹(x) (voxels) at the grid points x = (z0 + i, j, k)·stride into X (3, nzs, ny, nx) float64.
+def inverse_slab(z0, stride, X, guess, kern, outer, tol, relative):
+    """φ⁻¹(x) (voxels) at the grid points x = (z0 + i, j, k)·stride into X (3, nzs, ny, nx); with ``relative``
+    its local part φ⁻¹(x) − Y, Y = (H ∘ A)⁻¹(x): a few voxels at most, which float32 holds to ~1e-7.
 
-    ``guess``: φ⁻¹ on the grid of every 2nd voxel (from a ``stride=2`` call), interpolated
-    trilinearly as the starting point; empty (shape (3, 0, 0, 0)): start from Y − u_L(Y).
+    ``guess``: that local part on the grid of every 2nd voxel (from a ``stride=2``, ``relative``
+    call), interpolated trilinearly and added to Y as the starting point; empty (shape (3, 0, 0, 0)):
+    start from Y − u_L(Y).
     A row's points iterate together, the kernel sums of those not yet converged evaluated at
     once (:func:`_row_sums`); a row no kernel reaches (or in the Cu foil) takes X = Y = (H ∘ A)⁻¹(x). Newton steps on L are clipped to one voxel (the kernels are
     strongly nonlinear where they compress). Returns the largest final residual |φ(X) − x|∞
@@ -335,7 +337,8 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
         acc, seen, cand = _scratch(kern, nx)
         if _row_is_rigid(Y, gx, nx, kern, rigid_z, seen, cand):  # L is the identity there: X = Y exactly
             for ix in range(nx):
-                X[0, iz, iy, ix], X[1, iz, iy, ix], X[2, iz, iy, ix] = Y[0, ix], Y[1, ix], Y[2, ix]
+                for c in range(3):
+                    X[c, iz, iy, ix] = 0.0 if relative else Y[c, ix]
             continue
         if guess.shape[1] > 0:
             cz, cy = gz // 2, gy // 2
@@ -343,7 +346,7 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
             for ix in range(nx):
                 cx, fx = (ix * stride) // 2, 0.5 * ((ix * stride) % 2)
                 for c in range(3):
-                    P[c, ix] = _trilinear(guess[c], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
+                    P[c, ix] = Y[c, ix] + _trilinear(guess[c], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
         else:  # L⁻¹ by Newton from X = Y − u_L(Y)
             _row_sums(Y[0], Y[1], Y[2], gx, nx, kern, False, acc, seen, cand)
             for ix in range(nx):
@@ -399,7 +402,8 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol):
             if n_active == 0:
                 break
         for ix in range(nx):
-            X[0, iz, iy, ix], X[1, iz, iy, ix], X[2, iz, iy, ix] = P[0, ix], P[1, ix], P[2, ix]
+            for c in range(3):
+                X[c, iz, iy, ix] = P[c, ix] - Y[c, ix] if relative else P[c, ix]
     return worst.max(), iterations.sum()
 
 

@@ -244,13 +244,13 @@ class Deformation:
         return u, F
 
     def _kern(self):
-        """The kernels as :mod:`phantoms._kernels` takes them (built once: the cell hash costs a few ms)."""
+        """The kernels as :mod:`phantoms._kernels` takes them (built once: the cell hash costs up to ~0.1 s)."""
         if self._hash is None:
             centres = self._kernel_centres
             if len(centres) == 0:  # an empty hash: one cell, no kernel
                 hashed = (np.zeros(3), 1.0, np.ones(3, np.int64), np.zeros(2, np.int64), np.zeros(0, np.int64))
             else:
-                hashed = compiled.build_hash(centres, self._support)
+                hashed = _cell_hash(centres, self._support)
             self._hash = (len(self.swell_radius), np.ascontiguousarray(centres, dtype=np.float64),
                           1.0 / np.concatenate([self.swell_radius, self.bump_radius]),
                           np.concatenate([self.swell_amplitude, np.zeros(len(self.bump_radius))]),
@@ -456,12 +456,13 @@ class Deformation:
             out.update({name: np.empty(self.shape, dtype) for names, (_, dtype) in derived.items() for name in names})
         kern, outer = self._kern(), self._outer_params(True)
         nz, ny, nx = self.shape
-        # φ⁻¹ on every 2nd voxel first: interpolated, it starts each voxel's Newton iterations ~1e-3 voxel away
-        coarse = np.empty((3, nz // 2 + 1, ny // 2 + 1, nx // 2 + 1), np.float32)  # a guess: float32 is plenty
-        self._check_inverse(compiled.inverse_slab(0, 2, coarse, np.empty((3, 0, 0, 0)), kern, outer, NEWTON_TOL_VOX))
+        # L⁻¹'s displacement on every 2nd voxel first: interpolated, it starts each voxel's Newton iterations close
+        coarse = np.empty((3, nz // 2 + 1, ny // 2 + 1, nx // 2 + 1), np.float32)  # a few voxels: float32 holds 1e-7
+        self._check_inverse(compiled.inverse_slab(0, 2, coarse, np.empty((3, 0, 0, 0)), kern, outer, NEWTON_TOL_VOX,
+                                                  True))
         for z0, z1 in self._slabs():
             X = np.empty((3, z1 - z0, ny, nx))
-            self._check_inverse(compiled.inverse_slab(z0, 1, X, coarse, kern, outer, NEWTON_TOL_VOX))
+            self._check_inverse(compiled.inverse_slab(z0, 1, X, coarse, kern, outer, NEWTON_TOL_VOX, False))
             coords = X.reshape(3, -1)
             for name, (v, order) in volumes.items():
                 target = out[name]
@@ -504,6 +505,21 @@ class Deformation:
         return cls(**{k: d[k] for k in ("shape", "voxel_size_um", "swell_centre", "swell_radius", "swell_amplitude",
                                           "bump_centre", "bump_radius", "bump_vector", "axial_stretch", "homogeneous_F",
                                           "rigid_below_z", "rigid_ramp_vox")})
+
+
+_last_cell_hash = (b"", None)
+
+
+def _cell_hash(centres: np.ndarray, supports: np.ndarray):
+    """:func:`phantoms._kernels.build_hash`, the last one kept: a fold retry rebuilds the same kernels with
+    other amplitudes, and the hash depends only on their centres and supports."""
+    global _last_cell_hash
+    key = np.ascontiguousarray(centres, dtype=np.float64).tobytes() + np.ascontiguousarray(supports, dtype=np.float64).tobytes()
+    cached_key, hashed = _last_cell_hash
+    if cached_key != key:
+        hashed = compiled.build_hash(centres, supports)
+        _last_cell_hash = (key, hashed)  # one rebinding: threads see the old pair or the new one
+    return hashed
 
 
 def _solve3(A: np.ndarray, b: np.ndarray) -> np.ndarray:
