@@ -38,6 +38,7 @@ from twin.errors import ScenarioError
 N_FACET_CANDIDATES = 16  # nearest seeds whose bisector planes bound a cell
 RSA_PACKING = 0.30  # sphere packing fraction of the seeds (random sequential addition reaches ~0.38)
 SHAPE_NOISE = 0.10  # relative amplitude of the smooth surface perturbation of the gauge
+BAND_CUTOFF = 1e-8  # a Gaussian transfer below this is dropped (float32 resolves 6e-8 of a field's scale)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def gaussian_filter_fft(volume: np.ndarray, sigma_vox: float, *, pad_z: int = 0)
     planes at each end.
 
     The transfer function is the continuous Gaussian's, exp(−2π²σ²f²), on the DFT grid, and
-    only the frequencies where it is at least BAND_CUTOFF are transformed (:func:`_band`): for
+    only the frequencies where it is at least BAND_CUTOFF are transformed (:func:`_bands`): for
     σ of a few voxels and more most of the spectrum is dropped, unread and unwritten. At σ ~ 1 a
     real FFT pair (scipy.fft, all cores) costs about a fifth of ``scipy.ndimage.gaussian_filter``'s passes.
     """
@@ -179,9 +180,6 @@ def smooth_noise(shape, sigma_vox: float, rng: np.random.Generator) -> np.ndarra
     self_conjugate = (bands[2][0] == 0) | (2 * bands[2][0] == shape[2])  # the last axis's f = 0 and Nyquist planes
     spectrum[..., self_conjugate] *= np.float32(np.sqrt(2))
     return _irfftn_band(spectrum, bands, shape)
-
-
-BAND_CUTOFF = 1e-8  # a Gaussian transfer below this is dropped (float32 resolves 6e-8 of a field's scale)
 
 
 def _bands(shape, sigma_vox: float) -> list[tuple[np.ndarray, np.ndarray]]:
