@@ -88,6 +88,20 @@ def _candidates(lo0, hi0, lo1, hi1, lo2, hi2, origin, inv_h, dims, starts, order
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _row_box(P0, P1, P2, gx, n):
+    """The (z, y) box of the points i < n of a row and how far they lie from their grid x ``gx``: lo0, hi0, lo1,
+    hi1, reach (the box :func:`_candidates` searches is that, x widened by reach)."""
+    lo0 = hi0 = P0[0]
+    lo1 = hi1 = P1[0]
+    reach = 0.0
+    for i in range(n):
+        lo0, hi0 = min(lo0, P0[i]), max(hi0, P0[i])
+        lo1, hi1 = min(lo1, P1[i]), max(hi1, P1[i])
+        reach = max(reach, abs(P2[i] - gx[i]))
+    return lo0, hi0, lo1, hi1, reach
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _row_sums(P0, P1, P2, gx, n, kern, gradient, acc, seen, cand):
     """Σ u_k into acc[0:3, i] and (if ``gradient``) Σ ∇u_k into acc[3:12, i] (row-major 3×3) at the points
     (P0[i], P1[i], P2[i]), i < n, of one row of a grid, ``gx`` their grid x (ascending).
@@ -103,13 +117,7 @@ def _row_sums(P0, P1, P2, gx, n, kern, gradient, acc, seen, cand):
     acc[:, :n] = 0.0
     if n == 0:
         return
-    reach = 0.0
-    lo0 = hi0 = P0[0]
-    lo1 = hi1 = P1[0]
-    for i in range(n):
-        lo0, hi0 = min(lo0, P0[i]), max(hi0, P0[i])
-        lo1, hi1 = min(lo1, P1[i]), max(hi1, P1[i])
-        reach = max(reach, abs(P2[i] - gx[i]))
+    lo0, hi0, lo1, hi1, reach = _row_box(P0, P1, P2, gx, n)
     m = _candidates(lo0, hi0, lo1, hi1, gx[0] - reach, gx[n - 1] + reach, origin, inv_h, dims, starts, order, seen, cand)
     for j in range(m):
         k = cand[j]
@@ -283,11 +291,7 @@ def _trilinear(v, z0, z1, y0, y1, x0, x1, fz, fy, fx):
 def _row_is_rigid(Y, gx, n, kern, rigid_z, seen, cand):
     """Whether u_L = 0 at all points Y (3, n) of a row (grid x ``gx``): they lie in the Cu foil (mask 0), or no
     kernel's hash cell meets their box (no kernel reaches them)."""
-    lo0, hi0, lo1, hi1, reach = Y[0, 0], Y[0, 0], Y[1, 0], Y[1, 0], 0.0
-    for i in range(n):
-        lo0, hi0 = min(lo0, Y[0, i]), max(hi0, Y[0, i])
-        lo1, hi1 = min(lo1, Y[1, i]), max(hi1, Y[1, i])
-        reach = max(reach, abs(Y[2, i] - gx[i]))
+    lo0, hi0, lo1, hi1, reach = _row_box(Y[0], Y[1], Y[2], gx, n)
     if hi0 <= rigid_z:
         return True
     _, _, _, _, _, _, _, origin, inv_h, dims, starts, order = kern
