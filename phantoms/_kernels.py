@@ -13,7 +13,8 @@ methods are the reference, tested equal to these), evaluated row by row:
 * :func:`inverse_slab`: φ⁻¹ on grid voxels, H and A inverted in closed form / by
   1-D Newton and L by Newton iterations, a row's points together;
 * :func:`sample_nearest`, :func:`sample_linear`: ``map_coordinates`` of order 0
-  and 1 with ``mode="nearest"``.
+  and 1 with ``mode="nearest"``; :func:`sample_optics`: δ and β evaluated where
+  sampled; :func:`sample_scan`: all five of a scan's volumes in one pass.
 
 Grid kernels run rows of a slab in parallel (``prange``; numba's OpenMP/TBB
 layers are thread-safe) and release the GIL, so a writer thread compresses the
@@ -102,7 +103,7 @@ def _row_box(P0, P1, P2, gx, n):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _row_sums(P0, P1, P2, gx, n, kern, gradient, acc, seen, cand):
+def _row_sums(P0, P1, P2, gx, n, kern, gradient, margin, acc, seen, cand):
     """Σ u_k into acc[0:3, i] and (if ``gradient``) Σ ∇u_k into acc[3:12, i] (row-major 3×3) at the points
     (P0[i], P1[i], P2[i]), i < n, of one row of a grid, ``gx`` their grid x (ascending).
 
@@ -111,6 +112,8 @@ def _row_sums(P0, P1, P2, gx, n, kern, gradient, acc, seen, cand):
     centre, widened by how far the points lie from their grid x. The loop over those points is
     contiguous and branch-free (the smoothstep clamped, so a point beyond the support adds exactly 0),
     so LLVM vectorises it (unsigned indices: numba adds no negative-index wraparound).
+    With ``margin`` > 0 (voxels), acc[12, i] bounds the Hessian of Σ u_k over the ball of that radius around
+    each point (see :func:`_add_kernel`; the supports are searched that much wider).
     ``seen``, ``cand``: scratch, one entry per kernel.
     """
     n_swell, centres, inv_radii, amps, vectors, supports, inv_transition, origin, inv_h, dims, starts, order = kern
@@ -118,10 +121,11 @@ def _row_sums(P0, P1, P2, gx, n, kern, gradient, acc, seen, cand):
     if n == 0:
         return
     lo0, hi0, lo1, hi1, reach = _row_box(P0, P1, P2, gx, n)
-    m = _candidates(lo0, hi0, lo1, hi1, gx[0] - reach, gx[n - 1] + reach, origin, inv_h, dims, starts, order, seen, cand)
+    m = _candidates(lo0 - margin, hi0 + margin, lo1 - margin, hi1 + margin, gx[0] - reach - margin,
+                    gx[n - 1] + reach + margin, origin, inv_h, dims, starts, order, seen, cand)
     for j in range(m):
         k = cand[j]
-        sup = supports[k]
+        sup = supports[k] + margin
         d0 = max(lo0 - centres[k, 0], 0.0, centres[k, 0] - hi0)
         d1 = max(lo1 - centres[k, 1], 0.0, centres[k, 1] - hi1)
         rho2 = d0 * d0 + d1 * d1
@@ -131,20 +135,41 @@ def _row_sums(P0, P1, P2, gx, n, kern, gradient, acc, seen, cand):
         first = np.uint64(np.searchsorted(gx[:n], centres[k, 2] - half))
         end = np.uint64(np.searchsorted(gx[:n], centres[k, 2] + half, side="right"))
         _add_kernel(k, first, end, P0, P1, P2, n_swell, centres, inv_radii, amps, vectors, inv_transition, gradient,
-                    acc)
+                    margin, acc)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _add_kernel(k, first, end, P0, P1, P2, n_swell, centres, inv_radii, amps, vectors, inv_transition, gradient, acc):
-    """Add kernel k's u and ∇u at points first ≤ i < end (unsigned) into acc."""
+def _bump_curvature(k, inv_radii, vectors):
+    """A bound on max_c ‖∇∇(u_k)_c‖_F (voxel⁻¹) for bump k, u = B(r) v with B = 1 − S(r/R), S the quintic
+    smoothstep: ∂ᵢ∂ⱼu_c = v_c [B″ nᵢnⱼ + (B′/r)(δᵢⱼ − nᵢnⱼ)] with |B″| ≤ (10/√3)/R², |B′/r| ≤ 30·(4/27)/R²."""
+    iR = inv_radii[k]
+    v = np.sqrt(vectors[k, 0] ** 2 + vectors[k, 1] ** 2 + vectors[k, 2] ** 2)
+    return v * iR * iR * (10.0 / np.sqrt(3.0) + np.sqrt(2.0) * 40.0 / 9.0)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _add_kernel(k, first, end, P0, P1, P2, n_swell, centres, inv_radii, amps, vectors, inv_transition, gradient,
+                margin, acc):
+    """Add kernel k's u and ∇u at points first ≤ i < end (unsigned) into acc; with ``margin`` > 0 a bound on
+    max_c ‖∇∇(u_k)_c‖_F over the ball of that radius around each point into acc[12].
+
+    Swelling, u = a g(r) y with g = 1 − S(s), s = (r/R − 1)/t: ∂ᵢ∂ⱼu_c = a [g″ r nᵢnⱼn_c + g′(δᵢⱼn_c +
+    δⱼ_c nᵢ + δᵢ_c nⱼ − nᵢnⱼn_c)], so ‖·‖_F ≤ |a| (|g″| r + (3 + √3)|g′|), g′ = −S′/(Rt), g″ = −S″/(Rt)²;
+    over the ball r grows by the margin and s moves by margin/(Rt), which moves |S′| and |S″| by at most
+    their Lipschitz constants max|S″| = 10/√3 and max|S‴| = 60 times that (0 inside R: u = a y is linear).
+    Bumps: :func:`_bump_curvature` wherever the ball meets their support.
+    """
     c0, c1, c2 = centres[k, 0], centres[k, 1], centres[k, 2]
     iR = inv_radii[k]
     if k < n_swell:
         a = amps[k]
+        ds = margin * iR * inv_transition
+        abs_a_iR_it = abs(a) * iR * inv_transition
         for i in range(first, end):
             y0, y1, y2 = P0[i] - c0, P1[i] - c1, P2[i] - c2
             r = np.sqrt(y0 * y0 + y1 * y1 + y2 * y2)
-            s = min(max((r * iR - 1.0) * inv_transition, 0.0), 1.0)
+            s_free = (r * iR - 1.0) * inv_transition
+            s = min(max(s_free, 0.0), 1.0)
             aG = a * (1.0 - s * s * s * (10.0 - 15.0 * s + 6.0 * s * s))
             acc[0, i] += aG * y0
             acc[1, i] += aG * y1
@@ -160,8 +185,14 @@ def _add_kernel(k, first, end, P0, P1, P2, n_swell, centres, inv_radii, amps, ve
                 acc[9, i] += c * y2 * y0
                 acc[10, i] += c * y2 * y1
                 acc[11, i] += c * y2 * y2 + aG
+            if margin > 0.0:
+                s1 = 30.0 * s * s * (1.0 - s) * (1.0 - s) + 10.0 / np.sqrt(3.0) * ds
+                s2 = abs(60.0 * s * (1.0 - s) * (1.0 - 2.0 * s)) + 60.0 * ds
+                acc[12, i] += abs_a_iR_it * (s2 * (r + margin) * iR * inv_transition + (3.0 + np.sqrt(3.0)) * s1)
     else:
         v0, v1, v2 = vectors[k, 0], vectors[k, 1], vectors[k, 2]
+        curvature = _bump_curvature(k, inv_radii, vectors)
+        r_reach = 1.0 / iR + margin
         for i in range(first, end):
             y0, y1, y2 = P0[i] - c0, P1[i] - c1, P2[i] - c2
             r = np.sqrt(y0 * y0 + y1 * y1 + y2 * y2)
@@ -181,13 +212,15 @@ def _add_kernel(k, first, end, P0, P1, P2, n_swell, centres, inv_radii, amps, ve
                 acc[9, i] += v2 * c * y0
                 acc[10, i] += v2 * c * y1
                 acc[11, i] += v2 * c * y2
+            if margin > 0.0:
+                acc[12, i] += curvature if r < r_reach else 0.0
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _scratch(kern, n):
     """Work arrays of :func:`_row_sums` for rows of up to n points: acc, seen, cand."""
     n_kernels = kern[1].shape[0]
-    return np.empty((12, n)), np.zeros(n_kernels, np.bool_), np.empty(n_kernels, np.int64)
+    return np.empty((13, n)), np.zeros(n_kernels, np.bool_), np.empty(n_kernels, np.int64)
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
@@ -202,7 +235,7 @@ def sum_kernels(P, groups, kern, gradient):
         acc, seen, cand = _scratch(kern, hi - lo)
         P2 = np.ascontiguousarray(P[lo:hi, 2])
         _row_sums(np.ascontiguousarray(P[lo:hi, 0]), np.ascontiguousarray(P[lo:hi, 1]), P2, P2, hi - lo, kern,
-                  gradient, acc, seen, cand)
+                  gradient, 0.0, acc, seen, cand)
         for i in range(hi - lo):
             u[lo + i, 0], u[lo + i, 1], u[lo + i, 2] = acc[0, i], acc[1, i], acc[2, i]
             if gradient:
@@ -262,7 +295,7 @@ def displacement_slab(z0, stride, out, kern, outer, check):
         p0, p1 = float((z0 + iz) * stride), float(iy * stride)
         P2 = np.arange(nx) * float(stride)
         acc, seen, cand = _scratch(kern, nx)
-        _row_sums(np.full(nx, p0), np.full(nx, p1), P2, P2, nx, kern, check, acc, seen, cand)
+        _row_sums(np.full(nx, p0), np.full(nx, p1), P2, P2, nx, kern, check, 0.0, acc, seen, cand)
         for ix in range(nx):
             p2 = P2[ix]
             u0, u1, u2, F00, F01, F02, F10, F11, F12, F20, F21, F22 = _masked(acc, ix, p0, rigid_z, inv_ramp)
@@ -300,7 +333,7 @@ def _row_is_rigid(Y, gx, n, kern, rigid_z, seen, cand):
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
-def inverse_slab(z0, stride, X, guess, kern, outer, tol, relative):
+def inverse_slab(z0, stride, X, guess, kern, outer, tol, margin, relative):
     """φ⁻¹(x) (voxels) at the grid points x = (z0 + i, j, k)·stride into X (3, nzs, ny, nx); with ``relative``
     its local part φ⁻¹(x) − Y, Y = (H ∘ A)⁻¹(x): a few voxels at most, which float32 holds to ~1e-7.
 
@@ -309,11 +342,15 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol, relative):
     start from Y − u_L(Y).
     A row's points iterate together, the kernel sums of those not yet converged evaluated at
     once (:func:`_row_sums`); a row no kernel reaches (or in the Cu foil) takes X = Y = (H ∘ A)⁻¹(x). Newton steps on L are clipped to one voxel (the kernels are
-    strongly nonlinear where they compress). Returns the largest final residual |φ(X) − x|∞
-    (voxels) and the total number of Newton iterations (kernel sums at a point).
+    strongly nonlinear where they compress). A step s no longer than ``margin`` (voxels) whose residual is
+    bounded below ``tol`` by Taylor's theorem, |L(X − s) − Y| ≤ ½ M |s|² with M the kernels' Hessian bound
+    within ``margin`` (:func:`_row_sums`), is taken without evaluating L again; the Cu mask must be constant
+    (0 or 1) there. Returns the largest final residual |φ(X) − x|∞ (voxels; for a step so taken, its bound)
+    and the total number of Newton iterations (kernel sums at a point).
     """
     rigid_z, ramp, lam, w_nodes, Fh_inv, centre = outer
     inv_ramp = 1.0 / ramp
+    mask_one = rigid_z + ramp  # the Cu mask is 1 above
     _, nzs, ny, nx = X.shape
     worst = np.zeros(nzs * ny)
     iterations = np.zeros(nzs * ny, np.int64)
@@ -352,7 +389,7 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol, relative):
                 for c in range(3):
                     P[c, ix] = Y[c, ix] + _trilinear(guess[c], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
         else:  # L⁻¹ by Newton from X = Y − u_L(Y)
-            _row_sums(Y[0], Y[1], Y[2], gx, nx, kern, False, acc, seen, cand)
+            _row_sums(Y[0], Y[1], Y[2], gx, nx, kern, False, 0.0, acc, seen, cand)
             for ix in range(nx):
                 t = _masked(acc, ix, Y[0, ix], rigid_z, inv_ramp)
                 for c in range(3):
@@ -367,7 +404,7 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol, relative):
                 i = active[j]
                 Pa[0, j], Pa[1, j], Pa[2, j], ga[j] = P[0, i], P[1, i], P[2, i], gx[i]
             iterations[row] += n_active
-            _row_sums(Pa[0], Pa[1], Pa[2], ga, n_active, kern, True, acc, seen, cand)
+            _row_sums(Pa[0], Pa[1], Pa[2], ga, n_active, kern, True, margin, acc, seen, cand)
             still = 0
             for j in range(n_active):
                 i = active[j]
@@ -394,6 +431,13 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol, relative):
                 s1 = (c10 * r0 + c11 * r1 + c12 * r2) * inv_det
                 s2 = (c20 * r0 + c21 * r1 + c22 * r2) * inv_det
                 norm = np.sqrt(s0 * s0 + s1 * s1 + s2 * s2)
+                bound = 0.5 * acc[12, j] * norm * norm
+                if norm <= margin and bound < 0.5 * tol and (Pa[0, j] - margin >= mask_one or Pa[0, j] + margin <= rigid_z):
+                    P[0, i] -= s0
+                    P[1, i] -= s1
+                    P[2, i] -= s2
+                    worst[row] = max(worst[row], bound)
+                    continue
                 shrink = 1.0 / norm if norm > 1.0 else 1.0
                 P[0, i] -= shrink * s0
                 P[1, i] -= shrink * s1
@@ -411,15 +455,18 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol, relative):
     return worst.max(), iterations.sum()
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _nearest(c, n):
+    """The index of the voxel nearest coordinate c along an axis of n voxels (clamped: mode "nearest")."""
+    return min(max(int(np.floor(c + 0.5)), 0), n - 1)
+
+
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def sample_nearest(volume, coords, out):
     """out[i] = volume at the voxel nearest coords[:, i] (clamped to the volume: mode "nearest")."""
     nz, ny, nx = volume.shape
     for i in prange(coords.shape[1]):
-        z = min(max(int(np.floor(coords[0, i] + 0.5)), 0), nz - 1)
-        y = min(max(int(np.floor(coords[1, i] + 0.5)), 0), ny - 1)
-        x = min(max(int(np.floor(coords[2, i] + 0.5)), 0), nx - 1)
-        out[i] = volume[z, y, x]
+        out[i] = volume[_nearest(coords[0, i], nz), _nearest(coords[1, i], ny), _nearest(coords[2, i], nx)]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -476,12 +523,37 @@ def _optics_at(v, phase, lith, porosity, partial, lut, lixsi, inv_dx, consts):
     return delta, beta
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _optics_trilinear(z0, z1, y0, y1, x0, x1, fz, fy, fx, ny, nx, phase_f, lith_f, porosity_f, partial_f, lut, lixsi,
+                      inv_dx, consts):
+    """(δ, β) interpolated trilinearly between the corner voxels (z0 | z1, …; weights fz, fy, fx) of δ and β
+    evaluated per voxel by :func:`_optics_at` (flat volumes); where the eight voxels are all of one phase of
+    constant δ and β (no SEI partial volume), that constant."""
+    base = (z0 * ny + y0) * nx + x0
+    step_z, step_y, step_x = (z1 - z0) * ny * nx, (y1 - y0) * nx, x1 - x0
+    ph = phase_f[base]
+    uniform = partial_f.size == 0 or not partial_f[base]
+    for corner in range(1, 8):
+        v = base + (corner >> 2) * step_z + ((corner >> 1) & 1) * step_y + (corner & 1) * step_x
+        uniform = uniform and phase_f[v] == ph and (partial_f.size == 0 or not partial_f[v])
+    if uniform and ph != _CBD and ph != _SILICON[0] and ph != _SILICON[1] and ph != _SILICON[2]:
+        return lut[ph, 0], lut[ph, 1]  # one phase of constant δ, β around the point
+    delta = beta = 0.0
+    for corner in range(8):
+        dz, dy, dx = corner >> 2, (corner >> 1) & 1, corner & 1
+        w = (fz if dz else 1.0 - fz) * (fy if dy else 1.0 - fy) * (fx if dx else 1.0 - fx)
+        d, b = _optics_at(base + dz * step_z + dy * step_y + dx * step_x, phase_f, lith_f, porosity_f, partial_f,
+                          lut, lixsi, inv_dx, consts)
+        delta += w * d
+        beta += w * b
+    return delta, beta
+
+
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def sample_optics(phase, lith, porosity, partial, lut, lixsi, consts, coords, out_delta, out_beta):
     """out_delta[i], out_beta[i] = trilinear interpolation at coords[:, i] of δ and β evaluated per voxel by
-    :func:`_optics_at` (coordinates clamped: mode "nearest"); where the eight voxels around the point are
-    all of one phase of constant δ and β (no SEI partial volume), that constant. Volumes C-contiguous;
-    ``partial``: bool volume, or shape (0, 0, 0)."""
+    :func:`_optics_at` (coordinates clamped: mode "nearest"; see :func:`_optics_trilinear`). Volumes
+    C-contiguous; ``partial``: bool volume, or shape (0, 0, 0)."""
     nz, ny, nx = phase.shape
     phase_f, lith_f, porosity_f, partial_f = phase.reshape(-1), lith.reshape(-1), porosity.reshape(-1), partial.reshape(-1)
     inv_dx = (lixsi.shape[0] - 1) / (lixsi[lixsi.shape[0] - 1, 0] - lixsi[0, 0])
@@ -489,23 +561,28 @@ def sample_optics(phase, lith, porosity, partial, lut, lixsi, consts, coords, ou
         z0, z1, fz = _cell(coords[0, i], nz)
         y0, y1, fy = _cell(coords[1, i], ny)
         x0, x1, fx = _cell(coords[2, i], nx)
-        base = (z0 * ny + y0) * nx + x0
-        step_z, step_y, step_x = (z1 - z0) * ny * nx, (y1 - y0) * nx, x1 - x0
-        ph = phase_f[base]
-        uniform = partial_f.size == 0 or not partial_f[base]
-        for corner in range(1, 8):
-            v = base + (corner >> 2) * step_z + ((corner >> 1) & 1) * step_y + (corner & 1) * step_x
-            uniform = uniform and phase_f[v] == ph and (partial_f.size == 0 or not partial_f[v])
-        if uniform and ph != _CBD and ph != _SILICON[0] and ph != _SILICON[1] and ph != _SILICON[2]:
-            out_delta[i], out_beta[i] = lut[ph, 0], lut[ph, 1]  # one phase of constant δ, β around the point
-            continue
-        delta = beta = 0.0
-        for corner in range(8):
-            dz, dy, dx = corner >> 2, (corner >> 1) & 1, corner & 1
-            w = (fz if dz else 1.0 - fz) * (fy if dy else 1.0 - fy) * (fx if dx else 1.0 - fx)
-            d, b = _optics_at(base + dz * step_z + dy * step_y + dx * step_x, phase_f, lith_f, porosity_f, partial_f,
-                              lut, lixsi, inv_dx, consts)
-            delta += w * d
-            beta += w * b
-        out_delta[i] = delta
-        out_beta[i] = beta
+        out_delta[i], out_beta[i] = _optics_trilinear(z0, z1, y0, y1, x0, x1, fz, fy, fx, ny, nx, phase_f, lith_f,
+                                                      porosity_f, partial_f, lut, lixsi, inv_dx, consts)
+
+
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
+def sample_scan(phase, particle, lith, porosity, partial, lut, lixsi, consts, coords, out_phase, out_particle,
+                out_lith, out_delta, out_beta):
+    """A scan's five warped volumes in one pass over coords (3, n): phase and particle as :func:`sample_nearest`,
+    lithiation as :func:`sample_linear`, δ and β as :func:`sample_optics` (the same values: each point's cell
+    is found once and its voxels read once for all five)."""
+    nz, ny, nx = phase.shape
+    phase_f, lith_f, porosity_f, partial_f = phase.reshape(-1), lith.reshape(-1), porosity.reshape(-1), partial.reshape(-1)
+    particle_f = particle.reshape(-1)
+    inv_dx = (lixsi.shape[0] - 1) / (lixsi[lixsi.shape[0] - 1, 0] - lixsi[0, 0])
+    for i in prange(coords.shape[1]):
+        c0, c1, c2 = coords[0, i], coords[1, i], coords[2, i]
+        near = (_nearest(c0, nz) * ny + _nearest(c1, ny)) * nx + _nearest(c2, nx)
+        out_phase[i] = phase_f[near]
+        out_particle[i] = particle_f[near]
+        z0, z1, fz = _cell(c0, nz)
+        y0, y1, fy = _cell(c1, ny)
+        x0, x1, fx = _cell(c2, nx)
+        out_lith[i] = _trilinear(lith, z0, z1, y0, y1, x0, x1, fz, fy, fx)
+        out_delta[i], out_beta[i] = _optics_trilinear(z0, z1, y0, y1, x0, x1, fz, fy, fx, ny, nx, phase_f, lith_f,
+                                                      porosity_f, partial_f, lut, lixsi, inv_dx, consts)

@@ -56,6 +56,7 @@ log = logging.getLogger("phantoms.deformation")
 
 SUPPORT = 2.5  # swelling kernels reach SUPPORT × R: wide enough to fold nowhere for (1 + a)³ up to ~4
 NEWTON_TOL_VOX = 1e-6
+CERTIFIED_STEP_VOX = 0.02  # a Newton step this short may be taken on its Taylor bound (see _kernels.inverse_slab)
 GROUP_POINTS = 4096  # points the compiled kernel sums at arbitrary points take together (12 float64 each)
 SLAB_VOXELS = 1 << 19  # voxels per slab of the grid passes (the warp's inverse coordinates: 24 bytes per voxel)
 
@@ -436,9 +437,10 @@ class Deformation:
             name → (reference volume (z, y, x), interpolation order: 0 for labels, 1 for fields; higher
             orders go through ``scipy.ndimage.map_coordinates``).
         derived
-            (name, …) → (sampler, dtype): fields not held as volumes; ``sampler(coords, dest, …)`` writes
-            the fields at reference coordinates (3, n) into one ``dest`` (n,) per name, in one pass (the
-            truth's δ and β are evaluated together from phase, x and CBD porosity where they are sampled).
+            (name, …) → (sampler, dtype or one dtype per name): fields sampled together; ``sampler(coords,
+            dest, …)`` writes the fields at reference coordinates (3, n) into one ``dest`` (n,) per name, in one
+            pass (the truth's δ and β are evaluated from phase, x and CBD porosity where they are sampled, and
+            its five volumes are sampled at once).
         out
             name → where to write the warped volume (anything that takes ``out[name][z0:z1] = slab``:
             an h5py / h5netcdf variable streams it to disk; each slab is a fresh array); default new arrays
@@ -453,16 +455,18 @@ class Deformation:
         derived = derived or {}
         if out is None:
             out = {name: np.empty(self.shape, v.dtype) for name, (v, _) in volumes.items()}
-            out.update({name: np.empty(self.shape, dtype) for names, (_, dtype) in derived.items() for name in names})
+            out.update({name: np.empty(self.shape, dtype) for names, (_, dtypes) in derived.items()
+                        for name, dtype in zip(names, _per_name(dtypes, names))})
         kern, outer = self._kern(), self._outer_params(True)
         nz, ny, nx = self.shape
         # L⁻¹'s displacement on every 2nd voxel first: interpolated, it starts each voxel's Newton iterations close
         coarse = np.empty((3, nz // 2 + 1, ny // 2 + 1, nx // 2 + 1), np.float32)  # a few voxels: float32 holds 1e-7
         self._check_inverse(compiled.inverse_slab(0, 2, coarse, np.empty((3, 0, 0, 0)), kern, outer, NEWTON_TOL_VOX,
-                                                  True))
+                                                  CERTIFIED_STEP_VOX, True))
         for z0, z1 in self._slabs():
             X = np.empty((3, z1 - z0, ny, nx))
-            self._check_inverse(compiled.inverse_slab(z0, 1, X, coarse, kern, outer, NEWTON_TOL_VOX, False))
+            self._check_inverse(compiled.inverse_slab(z0, 1, X, coarse, kern, outer, NEWTON_TOL_VOX,
+                                                      CERTIFIED_STEP_VOX, False))
             coords = X.reshape(3, -1)
             for name, (v, order) in volumes.items():
                 target = out[name]
@@ -475,9 +479,10 @@ class Deformation:
                     dest[...] = ndimage.map_coordinates(v, X, order=order, mode="nearest")
                 if not isinstance(target, np.ndarray):
                     target[z0:z1] = dest
-            for names, (sampler, dtype) in derived.items():
+            for names, (sampler, dtypes) in derived.items():
                 targets = [out[name] for name in names]
-                dests = [t[z0:z1] if isinstance(t, np.ndarray) else np.empty(X.shape[1:], dtype) for t in targets]
+                dests = [t[z0:z1] if isinstance(t, np.ndarray) else np.empty(X.shape[1:], dtype)
+                         for t, dtype in zip(targets, _per_name(dtypes, names))]
                 sampler(coords, *(dest.reshape(-1) for dest in dests))
                 for target, dest in zip(targets, dests):
                     if not isinstance(target, np.ndarray):
@@ -508,6 +513,11 @@ class Deformation:
 
 
 _last_cell_hash = (b"", None)
+
+
+def _per_name(dtypes, names) -> tuple:
+    """A derived sampler's dtypes, one per name (one dtype given stands for all)."""
+    return tuple(dtypes) if isinstance(dtypes, (tuple, list)) else (dtypes,) * len(names)
 
 
 def _cell_hash(centres: np.ndarray, supports: np.ndarray):

@@ -272,6 +272,17 @@ class OpticsRules:
         compiled.sample_optics(self.phase, self.lithiation, self.porosity, self.partial, self.lut, self.lixsi,
                                self.consts, coords, delta, beta)
 
+    def scan_sampler(self, particle: np.ndarray):
+        """A sampler for :meth:`Deformation.warp`'s ``derived`` writing phase, particle (instance labels
+        ``particle``, nearest), lithiation (trilinear), δ and β at reference coordinates (3, n), all in one pass
+        (``sample(coords, phase, particle, lithiation, delta, beta)``)."""
+        particle = np.ascontiguousarray(particle)
+
+        def sample(coords, phase, particle_out, lithiation, delta, beta):
+            compiled.sample_scan(self.phase, particle, self.lithiation, self.porosity, self.partial, self.lut,
+                                 self.lixsi, self.consts, coords, phase, particle_out, lithiation, delta, beta)
+        return sample
+
     def volumes(self) -> tuple[np.ndarray, np.ndarray]:
         """The whole reference volumes of δ and β, float32 (for tests and pictures; the truth never holds them)."""
         coords = np.indices(self.phase.shape, dtype=np.float64).reshape(3, -1)
@@ -494,8 +505,8 @@ def _scan_truth(ms: Microstructure, sample, energy_kev, fractions, max_fractions
                       f"{len(rows)} particles' kernels were scaled down (to {swelling_scale.min():.3g} at least)",
                       TwinWarning, stacklevel=3)
     rules = state["optics"]
-    deformation.warp({"phase": (state["phase"], 0), "particle": (ms.particle, 0), "lithiation": (state["lithiation"], 1)},
-                     out=out, derived={("delta", "beta"): (rules.sample, np.float32)})
+    names = ("phase", "particle", "lithiation", "delta", "beta")
+    deformation.warp({}, out=out, derived={names: (rules.scan_sampler(ms.particle), tuple(_VOLUMES[n][1] for n in names))})
     a = ms.voxel_size_um
     attrs = {"voxel_size_um": a, "energy_kev": energy_kev, "mechanism": sample.mechanism, "seed": int(seed),
              "scan": scan, "local_swelling_scale": float(swelling_scale.min(initial=1.0)), "z_cu_voxel": ms.z_cu,

@@ -159,3 +159,51 @@ def test_compiled_kernels_match_the_numpy_reference():
     np.testing.assert_allclose(fast[1], ref[1], atol=1e-12)
     with pytest.raises(ValueError, match="backend"):
         Deformation(SHAPE, 0.2, backend="cuda")
+
+
+@settings(max_examples=25, deadline=None)
+@given(amp=st.floats(-0.3, 1.0), radius=st.floats(2.0, 9.0), bump=st.lists(st.floats(-2.0, 2.0), min_size=3, max_size=3),
+       seed=st.integers(0, 2**16))
+def test_hessian_bound_holds_over_the_margin_ball(amp, radius, bump, seed):
+    """acc[12] of the compiled sums bounds max_c ‖∇∇(Σu_k)_c‖_F at every point of the ball of radius ``margin``
+    around each point (what a Newton step taken on its Taylor bound relies on); the Hessian here comes from
+    central differences of the NumPy reference gradient."""
+    from phantoms import _kernels as compiled
+
+    d = Deformation(SHAPE, 0.2, swell_centre=[[16, 18, 20], [15, 20, 25]], swell_radius=[radius, 3.0],
+                    swell_amplitude=[amp, 0.4], bump_centre=[[14, 16, 18]], bump_radius=[6.0], bump_vector=[bump])
+    rng = np.random.default_rng(seed)
+    margin = 0.05
+    P = rng.uniform(5, 30, (400, 3))
+    P = P[np.argsort(P[:, 2])]
+    acc, seen, cand = compiled._scratch(d._kern(), len(P))
+    compiled._row_sums(P[:, 0].copy(), P[:, 1].copy(), P[:, 2].copy(), P[:, 2].copy(), len(P), d._kern(), True, margin,
+                       acc, seen, cand)
+    bound = acc[12]
+    d.backend = "numpy"
+    offset = rng.normal(size=P.shape)
+    Q = P + margin * rng.uniform(0, 1, (len(P), 1)) * offset / np.linalg.norm(offset, axis=1, keepdims=True)
+    h = 1e-4
+    hessian = np.stack([(d._local_sum(Q + h * e, True)[1] - d._local_sum(Q - h * e, True)[1]) / (2 * h)
+                        for e in np.eye(3)], -1)  # (n, c, i, j) = ∂_j ∂_i u_c
+    actual = np.sqrt((hessian ** 2).sum(axis=(2, 3))).max(axis=1)
+    assert np.all(actual <= bound * (1 + 1e-6) + 1e-6), (actual - bound).max()
+
+
+def test_inverse_steps_taken_on_their_taylor_bound_meet_the_tolerance():
+    """φ⁻¹ on the grid with steps taken on their Taylor bound needs fewer kernel sums and still maps back to
+    every voxel within the Newton tolerance (NumPy reference map; ×|∇(H∘A)| ≤ 1.3 from L's space to x)."""
+    from phantoms import _kernels as compiled
+    from phantoms.deformation import CERTIFIED_STEP_VOX, NEWTON_TOL_VOX
+
+    d = _swelling()
+    kern, outer = d._kern(), d._outer_params(True)
+    x = np.indices(SHAPE).reshape(3, -1).T.astype(float)
+    evaluations = {}
+    for margin in (0.0, CERTIFIED_STEP_VOX):
+        X = np.empty((3,) + SHAPE)
+        residual, evaluations[margin] = compiled.inverse_slab(0, 1, X, np.empty((3, 0, 0, 0)), kern, outer,
+                                                              NEWTON_TOL_VOX, margin, False)
+        assert residual < NEWTON_TOL_VOX
+        np.testing.assert_allclose(d.map(X.reshape(3, -1).T), x, atol=1.3 * NEWTON_TOL_VOX)
+    assert evaluations[CERTIFIED_STEP_VOX] < 0.9 * evaluations[0.0]

@@ -255,7 +255,8 @@ def test_streamed_truth_file_is_the_in_memory_dataset_written(tmp_path, monkeypa
 
 def test_optics_rules_give_the_delta_beta_volumes_and_their_warp():
     """δ, β evaluated where sampled equal the volumes built by the documented rules (NumPy here), and warping
-    them as derived fields equals warping those volumes trilinearly."""
+    them as derived fields equals warping those volumes trilinearly; the scan's sampler of all five volumes at
+    once equals the separate samplers."""
     from phantoms import optics
     from phantoms.deformation import Deformation
     from phantoms.truth import OpticsRules
@@ -288,3 +289,12 @@ def test_optics_rules_give_the_delta_beta_volumes_and_their_warp():
         ref[partial] = (1 - w) * ref[partial] + w * sei
         np.testing.assert_allclose(volumes[col], ref, rtol=1e-6)
         np.testing.assert_allclose(warped[("delta", "beta")[col]], deformation.warp({"v": (ref, 1)})["v"], rtol=1e-6)  # ref: float32 products
+    particle = rng.integers(0, 50, shape).astype(np.int32)
+    names = ("phase", "particle", "lithiation", "delta", "beta")
+    together = deformation.warp({}, derived={names: (rules.scan_sampler(particle),
+                                                     (np.uint8, np.int32, np.float32, np.float32, np.float32))})
+    apart = deformation.warp({"phase": (phase, 0), "particle": (particle, 0), "lithiation": (x, 1)},
+                             derived={("delta", "beta"): (rules.sample, np.float32)})
+    for name in names:  # one pass gives what the separate samplers give, beyond the borders (clamped) too
+        assert together[name].dtype == apart[name].dtype
+        np.testing.assert_array_equal(together[name], apart[name])
