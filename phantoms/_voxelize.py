@@ -159,6 +159,30 @@ def label_centres(labels, n):
     return count, total / np.maximum(count, 1)[:, None]
 
 
+@njit(cache=True, error_model="numpy")
+def silicon_sums(particle, x, phase, crystalline, n):
+    """Over the voxels of labels 1 … n: per label (n + 1,) and per z-plane, the voxel count, Σ x and the count
+    of phase ``crystalline``: (count, x_sum, crystalline_count, plane_count, plane_x_sum, plane_crystalline)."""
+    count, x_sum, cryst = np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1)
+    nz, ny, nx = particle.shape
+    plane_count, plane_x, plane_cryst = np.zeros(nz), np.zeros(nz), np.zeros(nz)
+    for z in range(nz):
+        for y in range(ny):
+            for i in range(nx):
+                k = particle[z, y, i]
+                if k == 0:
+                    continue
+                xi = float(x[z, y, i])
+                c = 1.0 if phase[z, y, i] == crystalline else 0.0
+                count[k] += 1.0
+                x_sum[k] += xi
+                cryst[k] += c
+                plane_count[z] += 1.0
+                plane_x[z] += xi
+                plane_cryst[z] += c
+    return count, x_sum, cryst, plane_count, plane_x, plane_cryst
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def band_distance(labels, planes, starts, noise, roughness, z0):
     """max(0, min over its particle's planes of |X · n − o| + roughness · noise) at every labelled voxel, else 0.

@@ -10,6 +10,7 @@ Stages (wired by :mod:`twin.stages`):
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 import warnings
@@ -22,7 +23,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from phantoms import _kernels as compiled
-from phantoms import optics
+from phantoms import _voxelize, optics
 from phantoms.deformation import SUPPORT, Deformation, FoldingError
 from phantoms.lithiation import lithiate
 from phantoms.microstructure import Microstructure, Recipe, distance_to_background, generate_microstructure
@@ -199,30 +200,18 @@ def scan_state(ms: Microstructure, sample, energy_kev: float, fractions: np.ndar
         phase[inside & ~si] = Phase.GAS
         bubble_info = (centre, max(r0, 0.5))
 
-    expansion = sample.lithiated_volume_expansion
+    # J = Ω(x)/Ω_c per Si voxel, crystalline ones swelling by the same increment from 1: Ω is affine in x, so a
+    # particle's (or a plane's) mean J is Ω(mean x) less the crystalline share of Ω(0) − 1
     n_ids = int(ms.particle.max()) + 1
-    counts, J_sum, x_sum = np.zeros(n_ids), np.zeros(n_ids), np.zeros(n_ids)
-    swelling = np.zeros(phase.shape[0])
-    plane = phase.shape[1] * phase.shape[2]
-    # Plane by plane (slabs of ~2²¹ voxels): the per-voxel temporaries of Si (float64) stay small.
-    step = max(1, (1 << 21) // plane)
-    for z0 in range(0, phase.shape[0], step):
-        zs = slice(z0, z0 + step)
-        si_s = si[zs]
-        sx = x[zs][si_s]
-        crystalline = phase[zs][si_s] == Phase.SI_CRYSTALLINE
-        # volume ratio J = Ω(x)/Ω_c per voxel (crystalline ones swell by the same increment from 1)
-        omega = optics.lixsi_volume_ratio(sx, expansion=expansion)
-        J_vox = np.where(crystalline, 1.0 + omega - optics.lixsi_volume_ratio(0.0, expansion=expansion), omega)
-        labels = ms.particle[zs][si_s]
-        counts += np.bincount(labels, minlength=n_ids)
-        J_sum += np.bincount(labels, weights=J_vox, minlength=n_ids)
-        x_sum += np.bincount(labels, weights=sx / optics.X_FULL, minlength=n_ids)
-        per_plane = si_s.sum(axis=(1, 2))
-        swelling[zs] = np.bincount(np.repeat(np.arange(per_plane.size), per_plane), weights=J_vox - 1.0,
-                                   minlength=per_plane.size) / plane
-    J = J_sum[ids] / np.maximum(counts[ids], 1)
-    measured = x_sum[ids] / np.maximum(counts[ids], 1)
+    count, x_sum, cryst, plane_count, plane_x, plane_cryst = _voxelize.silicon_sums(
+        ms.particle, x, phase, int(Phase.SI_CRYSTALLINE), n_ids - 1)
+    ratio = functools.partial(optics.lixsi_volume_ratio, expansion=sample.lithiated_volume_expansion)
+    n = np.maximum(count[ids], 1)
+    J = ratio(x_sum[ids] / n) - cryst[ids] / n * (ratio(0.0) - 1.0)
+    measured = x_sum[ids] / n / optics.X_FULL
+    n_plane = np.maximum(plane_count, 1)
+    swelling = (plane_count * (ratio(plane_x / n_plane) - 1.0) - plane_cryst * (ratio(0.0) - 1.0)) / (
+        phase.shape[1] * phase.shape[2])
     # δ and β are not held: the rules evaluate them from phase, x and CBD porosity where the warp samples
     rules = OpticsRules.of(oc, phase, x, ms.cbd_porosity, sei_partial,
                            sample.sei_thickness_um / a if sei_partial is not None else 0.0)

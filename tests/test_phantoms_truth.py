@@ -298,3 +298,34 @@ def test_optics_rules_give_the_delta_beta_volumes_and_their_warp():
     for name in names:  # one pass gives what the separate samplers give, beyond the borders (clamped) too
         assert together[name].dtype == apart[name].dtype
         np.testing.assert_array_equal(together[name], apart[name])
+
+
+@pytest.mark.parametrize("mechanism", ["core_shell", "pathway"])
+def test_volume_ratios_and_swelling_density_are_the_per_voxel_means(mechanism):
+    """J per particle, the measured fraction and the swelling per plane equal their per-voxel definitions
+    (J = Ω(x)/Ω_c, crystalline voxels 1 + Ω(x) − Ω(0)) summed voxel by voxel here."""
+    from phantoms import optics
+    from phantoms.microstructure import generate_microstructure
+    from phantoms.truth import scan_state
+
+    sc = load_scenario("tiny", [f'sample.mechanism="{mechanism}"'])
+    ms = generate_microstructure(sc.sample, np.random.default_rng(2))
+    f = np.random.default_rng(3).uniform(0, 0.8, len(ms.particles))
+    state = scan_state(ms, sc.sample, sc.beamline.energy_kev, f, np.maximum(f, 0.5))
+    si = ms.particle > 0
+    x = state["lithiation"][si].astype(float)
+    omega = optics.lixsi_volume_ratio(x, expansion=sc.sample.lithiated_volume_expansion)
+    crystalline = state["phase"][si] == Phase.SI_CRYSTALLINE
+    J_vox = np.where(crystalline, 1 + omega - optics.lixsi_volume_ratio(0.0, expansion=sc.sample.lithiated_volume_expansion),
+                     omega)
+    labels = ms.particle[si]
+    ids = ms.particles["id"].to_numpy()
+    counts = np.bincount(labels, minlength=ids.max() + 1)[ids]
+    np.testing.assert_allclose(state["volume_ratio"], np.bincount(labels, J_vox, ids.max() + 1)[ids] / counts, rtol=1e-12)
+    np.testing.assert_allclose(state["measured_fraction"],
+                               np.bincount(labels, x / 3.75, ids.max() + 1)[ids] / counts, rtol=1e-12, atol=1e-15)
+    z = np.nonzero(si)[0]
+    plane = si.shape[1] * si.shape[2]
+    np.testing.assert_allclose(state["swelling_density"], np.bincount(z, J_vox - 1, si.shape[0]) / plane, rtol=1e-10,
+                               atol=1e-15)
+    assert crystalline.any() and (x > 0).any()
