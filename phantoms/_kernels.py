@@ -384,10 +384,13 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol, margin, relative):
         if guess.shape[1] > 0:
             cz, cy = gz // 2, gy // 2
             fz, fy = 0.5 * (gz % 2), 0.5 * (gy % 2)
+            # the next node, weighted 0 where the point lies on the last plane of an odd-sized axis
+            cz1, cy1 = min(cz + 1, guess.shape[1] - 1), min(cy + 1, guess.shape[2] - 1)
             for ix in range(nx):
                 cx, fx = (ix * stride) // 2, 0.5 * ((ix * stride) % 2)
+                cx1 = min(cx + 1, guess.shape[3] - 1)
                 for c in range(3):
-                    P[c, ix] = Y[c, ix] + _trilinear(guess[c], cz, cz + 1, cy, cy + 1, cx, cx + 1, fz, fy, fx)
+                    P[c, ix] = Y[c, ix] + _trilinear(guess[c], cz, cz1, cy, cy1, cx, cx1, fz, fy, fx)
         else:  # L⁻¹ by Newton from X = Y − u_L(Y)
             _row_sums(Y[0], Y[1], Y[2], gx, nx, kern, False, 0.0, acc, seen, cand)
             for ix in range(nx):

@@ -51,11 +51,11 @@ def test_warped_volume_moments_shift_as_predicted():
     np.testing.assert_allclose(cov, F @ sigma @ F.T, rtol=0.02, atol=0.05)
 
 
-def _swelling(amp=0.3):
-    return Deformation(SHAPE, 0.2, swell_centre=[[14, 18, 15], [16, 17, 27]], swell_radius=[5.0, 4.0],
+def _swelling(amp=0.3, shape=SHAPE):
+    return Deformation(shape, 0.2, swell_centre=[[14, 18, 15], [16, 17, 27]], swell_radius=[5.0, 4.0],
                        swell_amplitude=[amp, 0.2], bump_centre=[[8, 10, 10]], bump_radius=[7.0],
                        bump_vector=[[1.0, -0.5, 0.3]],
-                       axial_stretch=1 + 0.2 * np.exp(-((np.arange(SHAPE[0]) - 16) / 6) ** 2),
+                       axial_stretch=1 + 0.2 * np.exp(-((np.arange(shape[0]) - 16) / 6) ** 2),
                        homogeneous_F=[[1.02, 0.01, 0], [0, 0.99, 0], [0, 0.01, 1.0]])
 
 
@@ -72,19 +72,20 @@ def test_gradient_matches_finite_differences_and_grid_matches_points(rigid):
     np.testing.assert_allclose(u[:, idx[:, 0], idx[:, 1], idx[:, 2]].T, d.displacement(idx.astype(float)), atol=1e-5)
 
 
-@pytest.mark.parametrize("shear_zx", [0.0, 0.08])
-def test_inverse_and_warp_are_exact(shear_zx):
+@pytest.mark.parametrize("shear_zx, shape", [(0.0, SHAPE), (0.08, SHAPE), (0.0, (31, 35, 39))])
+def test_inverse_and_warp_are_exact(shear_zx, shape):
     """φ⁻¹(φ(X)) = X to the Newton tolerance; warping a coordinate field returns φ⁻¹ at every voxel (also where
-    a z–x shear makes the axial inverse vary along each row, which starts from its neighbour's solution)."""
-    d = _swelling()
+    a z–x shear makes the axial inverse vary along each row, which starts from its neighbour's solution, and on
+    odd-sized axes, whose last plane lies on the coarse guess's last node)."""
+    d = _swelling(shape=shape)
     d.homogeneous_F = d.homogeneous_F + shear_zx * np.outer([1, 0, 0], [0, 0, 1])
     X = np.random.default_rng(2).uniform(0, 31, (500, 3))
     np.testing.assert_allclose(d.inverse(d.map(X)), X, atol=1e-5)
-    coords = np.indices(SHAPE).astype(float)
+    coords = np.indices(shape).astype(float)
     warped = d.warp({f"c{k}": (coords[k], 1) for k in range(3)})
-    g = np.indices(SHAPE).reshape(3, -1).T.astype(float)
+    g = np.indices(shape).reshape(3, -1).T.astype(float)
     inv = np.stack([warped[f"c{k}"].reshape(-1) for k in range(3)], -1)
-    inside = np.all((inv > 0.5) & (inv < np.asarray(SHAPE) - 1.5), axis=1)  # linear interpolation of a linear field is exact
+    inside = np.all((inv > 0.5) & (inv < np.asarray(shape) - 1.5), axis=1)  # linear interpolation of a linear field is exact
     np.testing.assert_allclose(d.map(inv[inside]), g[inside], atol=1e-5)
 
 
