@@ -495,31 +495,40 @@ _SILICON = (int(Phase.SI_CRYSTALLINE), int(Phase.SI_LITHIATED), int(Phase.SI_AMO
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _optics_at(v, phase, lith, porosity, partial, lut, lixsi, inv_dx, consts):
-    """(δ, β) of reference voxel v (flat index) from its phase, Li content and CBD porosity.
+def _optics_of(ph, x, p, lut, lixsi, inv_dx, consts):
+    """(δ, β) of a voxel of phase ``ph`` with Li content x and CBD porosity p, SEI partial volume aside.
 
     ``lut`` (phases, 2): per-phase values; ``lixsi`` (n, 3): x, δ, β of LixSi at n equally spaced x
     (indexed directly, 1 / spacing ``inv_dx``, no search); ``consts``: CBD solid δ, β; electrolyte δ, β;
-    c-Si δ, β; LixSi at x = 0 δ, β; SEI δ, β; SEI partial-volume weight. ``partial``: flat bool, or empty.
+    c-Si δ, β; LixSi at x = 0 δ, β; SEI δ, β; SEI partial-volume weight.
     (:class:`phantoms.truth.OpticsRules` documents the rules; this evaluates them where the warp samples.)
     """
-    ph = phase[v]
     if ph == _CBD:
-        p = porosity[v]
-        delta = (1.0 - p) * consts[0] + p * consts[2]
-        beta = (1.0 - p) * consts[1] + p * consts[3]
-    elif ph == _SILICON[0] or ph == _SILICON[1] or ph == _SILICON[2]:
-        n = lixsi.shape[0]
-        s = min(max((lith[v] - lixsi[0, 0]) * inv_dx, 0.0), n - 1.0)
-        lo = min(int(s), n - 2)
-        t = s - lo
+        return (1.0 - p) * consts[0] + p * consts[2], (1.0 - p) * consts[1] + p * consts[3]
+    if ph == _SILICON[0] or ph == _SILICON[1] or ph == _SILICON[2]:
+        lo = _table_interval(x, lixsi, inv_dx)
+        t = min(max((x - lixsi[0, 0]) * inv_dx, 0.0), lixsi.shape[0] - 1.0) - lo
         delta = lixsi[lo, 1] * (1.0 - t) + lixsi[lo + 1, 1] * t
         beta = lixsi[lo, 2] * (1.0 - t) + lixsi[lo + 1, 2] * t
         if ph == _SI_CRYSTALLINE:
             delta += consts[4] - consts[6]
             beta += consts[5] - consts[7]
-    else:
-        delta, beta = lut[ph, 0], lut[ph, 1]
+        return delta, beta
+    return lut[ph, 0], lut[ph, 1]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _table_interval(x, lixsi, inv_dx):
+    """The interval [lo, lo + 1] of the LixSi table that x lies in (clamped to the table)."""
+    n = lixsi.shape[0]
+    return min(int(min(max((x - lixsi[0, 0]) * inv_dx, 0.0), n - 1.0)), n - 2)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _optics_at(v, phase, lith, porosity, partial, lut, lixsi, inv_dx, consts):
+    """(δ, β) of reference voxel v (flat index) from its phase, Li content, CBD porosity and SEI partial volume
+    (``partial``: flat bool, or empty); see :func:`_optics_of`."""
+    delta, beta = _optics_of(phase[v], lith[v], porosity[v], lut, lixsi, inv_dx, consts)
     if partial.size > 0 and partial[v]:
         delta = (1.0 - consts[10]) * delta + consts[10] * consts[8]
         beta = (1.0 - consts[10]) * beta + consts[10] * consts[9]
@@ -527,26 +536,45 @@ def _optics_at(v, phase, lith, porosity, partial, lut, lixsi, inv_dx, consts):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _corner_weight(corner, fz, fy, fx):
+    """The trilinear weight of corner (dz, dy, dx) = bits 2, 1, 0 of ``corner``."""
+    return ((fz if corner >> 2 else 1.0 - fz) * (fy if (corner >> 1) & 1 else 1.0 - fy)
+            * (fx if corner & 1 else 1.0 - fx))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _optics_trilinear(z0, z1, y0, y1, x0, x1, fz, fy, fx, ny, nx, phase_f, lith_f, porosity_f, partial_f, lut, lixsi,
                       inv_dx, consts):
     """(δ, β) interpolated trilinearly between the corner voxels (z0 | z1, …; weights fz, fy, fx) of δ and β
-    evaluated per voxel by :func:`_optics_at` (flat volumes); where the eight voxels are all of one phase of
-    constant δ and β (no SEI partial volume), that constant."""
+    evaluated per voxel by :func:`_optics_at` (flat volumes).
+
+    Where the eight voxels are all of one phase (no SEI partial volume) whose δ and β are affine in what
+    varies between them, the rule is evaluated once at that quantity interpolated, which is the same sum:
+    a constant phase; CBD (affine in its porosity); Si whose eight x lie in one interval of the LixSi table.
+    """
     base = (z0 * ny + y0) * nx + x0
     step_z, step_y, step_x = (z1 - z0) * ny * nx, (y1 - y0) * nx, x1 - x0
     ph = phase_f[base]
     uniform = partial_f.size == 0 or not partial_f[base]
+    x_min = x_max = lith_f[base]
     for corner in range(1, 8):
         v = base + (corner >> 2) * step_z + ((corner >> 1) & 1) * step_y + (corner & 1) * step_x
         uniform = uniform and phase_f[v] == ph and (partial_f.size == 0 or not partial_f[v])
-    if uniform and ph != _CBD and ph != _SILICON[0] and ph != _SILICON[1] and ph != _SILICON[2]:
-        return lut[ph, 0], lut[ph, 1]  # one phase of constant δ, β around the point
+        x_min, x_max = min(x_min, lith_f[v]), max(x_max, lith_f[v])
+    silicon = ph == _SILICON[0] or ph == _SILICON[1] or ph == _SILICON[2]
+    if uniform and (not silicon or _table_interval(x_min, lixsi, inv_dx) == _table_interval(x_max, lixsi, inv_dx)):
+        x = p = 0.0
+        for corner in range(8):
+            v = base + (corner >> 2) * step_z + ((corner >> 1) & 1) * step_y + (corner & 1) * step_x
+            w = _corner_weight(corner, fz, fy, fx)
+            x += w * lith_f[v] if silicon else 0.0
+            p += w * porosity_f[v] if ph == _CBD else 0.0
+        return _optics_of(ph, x, p, lut, lixsi, inv_dx, consts)
     delta = beta = 0.0
     for corner in range(8):
-        dz, dy, dx = corner >> 2, (corner >> 1) & 1, corner & 1
-        w = (fz if dz else 1.0 - fz) * (fy if dy else 1.0 - fy) * (fx if dx else 1.0 - fx)
-        d, b = _optics_at(base + dz * step_z + dy * step_y + dx * step_x, phase_f, lith_f, porosity_f, partial_f,
-                          lut, lixsi, inv_dx, consts)
+        w = _corner_weight(corner, fz, fy, fx)
+        d, b = _optics_at(base + (corner >> 2) * step_z + ((corner >> 1) & 1) * step_y + (corner & 1) * step_x, phase_f,
+                          lith_f, porosity_f, partial_f, lut, lixsi, inv_dx, consts)
         delta += w * d
         beta += w * b
     return delta, beta

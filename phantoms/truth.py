@@ -242,7 +242,7 @@ class OpticsRules:
     def of(cls, oc: optics.OpticalConstants, phase, lithiation, porosity, sei_partial=None, sei_weight: float = 0.0):
         """The rules of optical constants ``oc`` over these volumes (``sei_partial``: bool volume or None;
         ``sei_weight``: the thin SEI's thickness in voxels). The layout of ``consts`` is
-        :func:`phantoms._kernels._optics_at`'s."""
+        :func:`phantoms._kernels._optics_of`'s."""
         lut = np.array([[oc.phase_delta.get(Phase(p), 0.0), oc.phase_beta.get(Phase(p), 0.0)] for p in range(len(Phase))])
         at_0 = [float(np.interp(0.0, oc.lixsi_x, table)) for table in (oc.lixsi_delta, oc.lixsi_beta)]
         consts = np.array([oc.cbd_solid_delta, oc.cbd_solid_beta, oc.phase_delta[Phase.ELECTROLYTE],

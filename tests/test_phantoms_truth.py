@@ -253,21 +253,26 @@ def test_streamed_truth_file_is_the_in_memory_dataset_written(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.nc", "phantom.nc"]
 
 
-def test_optics_rules_give_the_delta_beta_volumes_and_their_warp():
+@pytest.mark.parametrize("block", [1, 3])
+def test_optics_rules_give_the_delta_beta_volumes_and_their_warp(block):
     """δ, β evaluated where sampled equal the volumes built by the documented rules (NumPy here), and warping
-    them as derived fields equals warping those volumes trilinearly; the scan's sampler of all five volumes at
-    once equals the separate samplers."""
+    them as derived fields equals warping those volumes trilinearly (also with phases in blocks of 3³ voxels and
+    x smooth, where the rule is evaluated once at the interpolated x or porosity); the scan's sampler of all five
+    volumes at once equals the separate samplers."""
     from phantoms import optics
     from phantoms.deformation import Deformation
     from phantoms.truth import OpticsRules
 
     rng = np.random.default_rng(4)
     shape = (12, 10, 14)
-    phase = rng.integers(0, len(Phase), shape).astype(np.uint8)
+    coarse = tuple(-(-n // block) for n in shape)
+    phase = rng.integers(0, len(Phase), coarse).astype(np.uint8)
+    phase = phase.repeat(block, 0).repeat(block, 1).repeat(block, 2)[:shape[0], :shape[1], :shape[2]]
+    smooth = 3.75 * np.linspace(0, 1, shape[0])[:, None, None] * np.linspace(0.2, 1, shape[2])
     x = np.where(np.isin(phase, [Phase.SI_LITHIATED, Phase.SI_AMORPHOUS, Phase.SI_CRYSTALLINE]),
-                 rng.uniform(0, 3.75, shape), 0).astype(np.float32)
+                 rng.uniform(0, 3.75, shape) if block == 1 else smooth, 0).astype(np.float32)
     porosity = rng.uniform(0.1, 0.9, shape).astype(np.float32)
-    partial = rng.random(shape) < 0.2
+    partial = rng.random(shape) < (0.2 if block == 1 else 0.02)
     oc = optics.optical_constants(29.6)
     w = 0.3
     lix0 = [np.interp(0.0, oc.lixsi_x, t) for t in (oc.lixsi_delta, oc.lixsi_beta)]
