@@ -341,11 +341,11 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol, margin, relative):
     call), interpolated trilinearly and added to Y as the starting point; empty (shape (3, 0, 0, 0)):
     start from Y − u_L(Y).
     A row's points iterate together, the kernel sums of those not yet converged evaluated at
-    once (:func:`_row_sums`); a row no kernel reaches (or in the Cu foil) takes X = Y = (H ∘ A)⁻¹(x). Newton steps on L are clipped to one voxel (the kernels are
-    strongly nonlinear where they compress). A step s no longer than ``margin`` (voxels) whose residual is
-    bounded below ``tol`` by Taylor's theorem, |L(X − s) − Y| ≤ ½ M |s|² with M the kernels' Hessian bound
-    within ``margin`` (:func:`_row_sums`), is taken without evaluating L again; the Cu mask must be constant
-    (0 or 1) there. Returns the largest final residual |φ(X) − x|∞ (voxels; for a step so taken, its bound)
+    once (:func:`_row_sums`); a row no kernel reaches (or in the Cu foil) takes X = Y = (H ∘ A)⁻¹(x).
+    Newton steps on L are clipped to one voxel (the kernels are strongly nonlinear where they compress).
+    A step s no longer than ``margin`` (voxels) whose residual is bounded below ``tol`` by Taylor's theorem,
+    |L(X − s) − Y| ≤ ½ M |s|² with M the kernels' Hessian bound within ``margin`` (:func:`_row_sums`), is
+    taken without evaluating L again; the Cu mask must be constant (0 or 1) there. Returns the largest final residual |φ(X) − x|∞ (voxels; for a step so taken, its bound)
     and the total number of Newton iterations (kernel sums at a point).
     """
     rigid_z, ramp, lam, w_nodes, Fh_inv, centre = outer
@@ -435,7 +435,8 @@ def inverse_slab(z0, stride, X, guess, kern, outer, tol, margin, relative):
                 s2 = (c20 * r0 + c21 * r1 + c22 * r2) * inv_det
                 norm = np.sqrt(s0 * s0 + s1 * s1 + s2 * s2)
                 bound = 0.5 * acc[12, j] * norm * norm
-                if norm <= margin and bound < 0.5 * tol and (Pa[0, j] - margin >= mask_one or Pa[0, j] + margin <= rigid_z):
+                mask_constant = Pa[0, j] - margin >= mask_one or Pa[0, j] + margin <= rigid_z
+                if norm <= margin and bound < 0.5 * tol and mask_constant:
                     P[0, i] -= s0
                     P[1, i] -= s1
                     P[2, i] -= s2
