@@ -507,8 +507,7 @@ def _optics_of(ph, x, p, lut, lixsi, inv_dx, consts):
     if ph == _CBD:
         return (1.0 - p) * consts[0] + p * consts[2], (1.0 - p) * consts[1] + p * consts[3]
     if ph == _SILICON[0] or ph == _SILICON[1] or ph == _SILICON[2]:
-        lo = _table_interval(x, lixsi, inv_dx)
-        t = min(max((x - lixsi[0, 0]) * inv_dx, 0.0), lixsi.shape[0] - 1.0) - lo
+        lo, t = _table_position(x, lixsi, inv_dx)
         delta = lixsi[lo, 1] * (1.0 - t) + lixsi[lo + 1, 1] * t
         beta = lixsi[lo, 2] * (1.0 - t) + lixsi[lo + 1, 2] * t
         if ph == _SI_CRYSTALLINE:
@@ -519,10 +518,12 @@ def _optics_of(ph, x, p, lut, lixsi, inv_dx, consts):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _table_interval(x, lixsi, inv_dx):
-    """The interval [lo, lo + 1] of the LixSi table that x lies in (clamped to the table)."""
+def _table_position(x, lixsi, inv_dx):
+    """Where x lies in the LixSi table (clamped to it): the interval [lo, lo + 1] and the fraction t in it."""
     n = lixsi.shape[0]
-    return min(int(min(max((x - lixsi[0, 0]) * inv_dx, 0.0), n - 1.0)), n - 2)
+    s = min(max((x - lixsi[0, 0]) * inv_dx, 0.0), n - 1.0)
+    lo = min(int(s), n - 2)
+    return lo, s - lo
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -563,7 +564,7 @@ def _optics_trilinear(z0, z1, y0, y1, x0, x1, fz, fy, fx, ny, nx, phase_f, lith_
         uniform = uniform and phase_f[v] == ph and (partial_f.size == 0 or not partial_f[v])
         x_min, x_max = min(x_min, lith_f[v]), max(x_max, lith_f[v])
     silicon = ph == _SILICON[0] or ph == _SILICON[1] or ph == _SILICON[2]
-    if uniform and (not silicon or _table_interval(x_min, lixsi, inv_dx) == _table_interval(x_max, lixsi, inv_dx)):
+    if uniform and (not silicon or _table_position(x_min, lixsi, inv_dx)[0] == _table_position(x_max, lixsi, inv_dx)[0]):
         x = p = 0.0
         for corner in range(8):
             v = base + (corner >> 2) * step_z + ((corner >> 1) & 1) * step_y + (corner & 1) * step_x
