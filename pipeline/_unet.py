@@ -44,6 +44,8 @@ Ronneberger O., Fischer P., Brox T., "U-Net", MICCAI 2015, doi:10.1007/978-3-319
 
 from __future__ import annotations
 
+import numpy as np
+
 
 def _layers():
     import keras
@@ -51,32 +53,47 @@ def _layers():
     return keras.layers
 
 
-def residual_block(x, filters: int, *, dropout: float, name: str, momentum: float = 0.99):
-    """Two 3x3 conv + BN (+ ReLU), dropout, and a 1x1 projection shortcut added before the last ReLU."""
+def _seed(rng) -> int | None:
+    """A layer's own seed drawn from ``rng`` (numpy Generator), or None: Keras then draws one from Python's
+    process-wide ``random``, which other threads (a Dask worker's event loop) may consume meanwhile."""
+    return None if rng is None else int(rng.integers(2**31 - 1))
+
+
+def _conv(filters: int, size: int, rng, **kwargs):
+    """``Conv2D`` with Keras' default Glorot-uniform kernel initializer, seeded by ``_seed(rng)``."""
+    import keras
+
+    return keras.layers.Conv2D(filters, size, kernel_initializer=keras.initializers.GlorotUniform(seed=_seed(rng)),
+                               **kwargs)
+
+
+def residual_block(x, filters: int, *, dropout: float, name: str, momentum: float = 0.99, rng=None):
+    """Two 3x3 conv + BN (+ ReLU), dropout, and a 1x1 projection shortcut added before the last ReLU.
+    ``rng``: seeds the layers (see :func:`build_unet`)."""
     L = _layers()
-    y = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    y = _conv(filters, 3, rng, padding="same", use_bias=False, name=f"{name}_conv1")(x)
     y = L.BatchNormalization(momentum=momentum, name=f"{name}_bn1")(y)
     y = L.Activation("relu", name=f"{name}_relu1")(y)
-    y = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    y = _conv(filters, 3, rng, padding="same", use_bias=False, name=f"{name}_conv2")(y)
     y = L.BatchNormalization(momentum=momentum, name=f"{name}_bn2")(y)
     if dropout > 0:
-        y = L.Dropout(dropout, name=f"{name}_dropout")(y)
-    shortcut = L.Conv2D(filters, 1, padding="same", use_bias=False, name=f"{name}_shortcut")(x)
+        y = L.Dropout(dropout, seed=_seed(rng), name=f"{name}_dropout")(y)
+    shortcut = _conv(filters, 1, rng, padding="same", use_bias=False, name=f"{name}_shortcut")(x)
     shortcut = L.BatchNormalization(momentum=momentum, name=f"{name}_shortcut_bn")(shortcut)
     y = L.Add(name=f"{name}_add")([shortcut, y])
     return L.Activation("relu", name=f"{name}_out")(y)
 
 
-def attention_gate(skip, gating, inter_filters: int, *, name: str):
+def attention_gate(skip, gating, inter_filters: int, *, name: str, rng=None):
     """Additive attention gate (Oktay 2018): one coefficient in [0, 1] per pixel multiplies the skip features.
 
-    ``skip`` has twice the spatial size of ``gating``.
+    ``skip`` has twice the spatial size of ``gating``; ``rng`` seeds the layers (see :func:`build_unet`).
     """
     L = _layers()
-    theta_x = L.Conv2D(inter_filters, 2, strides=2, padding="same", name=f"{name}_theta_x")(skip)
-    phi_g = L.Conv2D(inter_filters, 1, padding="same", name=f"{name}_phi_g")(gating)
+    theta_x = _conv(inter_filters, 2, rng, strides=2, padding="same", name=f"{name}_theta_x")(skip)
+    phi_g = _conv(inter_filters, 1, rng, padding="same", name=f"{name}_phi_g")(gating)
     f = L.Activation("relu", name=f"{name}_relu")(L.Add(name=f"{name}_sum")([theta_x, phi_g]))
-    psi = L.Conv2D(1, 1, padding="same", name=f"{name}_psi")(f)
+    psi = _conv(1, 1, rng, padding="same", name=f"{name}_psi")(f)
     alpha = L.Activation("sigmoid", name=f"{name}_alpha")(L.UpSampling2D(2, name=f"{name}_up")(psi))
     gated = L.Multiply(name=f"{name}_gated")([skip, alpha])  # broadcasts the one-channel alpha over the features
     return gated
@@ -92,6 +109,7 @@ def build_unet(
     input_scale: float = 1.0,
     batch_norm_momentum: float = 0.99,
     n_classes: int = 2,
+    seed: int | None = None,
 ):
     """Build the (uncompiled) attention residual U-Net.
 
@@ -114,6 +132,10 @@ def build_unet(
     n_classes
         2 (the seed's Si vs background: one sigmoid channel) or more (one
         softmax channel per class, background first).
+    seed
+        Seeds every layer's initial weights and dropout masks (each layer its own seed drawn from
+        ``numpy.random.default_rng(seed)``), so the model depends on nothing else; ``None``: Keras'
+        global seeding, which draws from Python's process-wide ``random``.
 
     Returns
     -------
@@ -131,22 +153,25 @@ def build_unet(
         raise ValueError(f"n_classes: must be >= 2, got {n_classes}")
     if base_filters < 1:
         raise ValueError(f"base_filters: must be >= 1, got {base_filters}")
+    rng = None if seed is None else np.random.default_rng(seed)
     inputs = keras.Input((None, None, n_channels), name="image")
     x = L.Rescaling(scale=input_scale, offset=input_offset, name="normalize")(inputs)
     skips = []
     for i in range(depth):
-        x = residual_block(x, base_filters * 2**i, dropout=dropout, name=f"enc{i}", momentum=batch_norm_momentum)
+        x = residual_block(x, base_filters * 2**i, dropout=dropout, name=f"enc{i}", momentum=batch_norm_momentum,
+                           rng=rng)
         skips.append(x)
         x = L.MaxPooling2D(2, name=f"enc{i}_pool")(x)
-    x = residual_block(x, base_filters * 2**depth, dropout=dropout, name="bottleneck", momentum=batch_norm_momentum)
+    x = residual_block(x, base_filters * 2**depth, dropout=dropout, name="bottleneck", momentum=batch_norm_momentum,
+                       rng=rng)
     for i in reversed(range(depth)):
         filters = base_filters * 2**i
-        gated = attention_gate(skips[i], x, filters, name=f"att{i}")
+        gated = attention_gate(skips[i], x, filters, name=f"att{i}", rng=rng)
         x = L.UpSampling2D(2, name=f"dec{i}_up")(x)
         x = L.Concatenate(name=f"dec{i}_concat")([x, gated])
-        x = residual_block(x, filters, dropout=dropout, name=f"dec{i}", momentum=batch_norm_momentum)
+        x = residual_block(x, filters, dropout=dropout, name=f"dec{i}", momentum=batch_norm_momentum, rng=rng)
     if n_classes == 2:
-        outputs = L.Conv2D(1, 1, activation="sigmoid", name="probability")(x)
+        outputs = _conv(1, 1, rng, activation="sigmoid", name="probability")(x)
     else:
-        outputs = L.Conv2D(n_classes, 1, activation="softmax", name="probability")(x)
+        outputs = _conv(n_classes, 1, rng, activation="softmax", name="probability")(x)
     return keras.Model(inputs, outputs, name=f"attention_res_unet_d{depth}_f{base_filters}")

@@ -383,8 +383,9 @@ class UNetSegmenter:
         masks
             (n, height, width) annotations: 0 background, 1 Si (and 2 lithiated Si with three classes).
         rng
-            Seeds the augmentation, the validation split, the weights and the
-            batch order (TensorFlow's global seed via ``keras.utils.set_random_seed``).
+            Seeds the augmentation, the validation split, the initial weights and
+            dropout masks (:func:`pipeline._unet.build_unet`'s ``seed``) and the batch
+            order (TensorFlow's global seed via ``keras.utils.set_random_seed``).
 
         Notes
         -----
@@ -421,7 +422,8 @@ class UNetSegmenter:
         steps = self.epochs * int(np.ceil(len(x_train) / self.batch_size))
         model = build_unet(depth=self.depth, base_filters=self.base_filters, dropout=self.dropout,
                            input_offset=float(-lo * scale), input_scale=float(scale),
-                           batch_norm_momentum=batch_norm_momentum(steps), n_classes=self.n_classes)
+                           batch_norm_momentum=batch_norm_momentum(steps), n_classes=self.n_classes,
+                           seed=int(rng.integers(2**31 - 1)))
         loss = "binary_crossentropy" if self.n_classes == 2 else "sparse_categorical_crossentropy"
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=self.learning_rate), loss=loss)
         device = tensorflow_device()

@@ -121,13 +121,30 @@ def test_tiled_inference_equals_whole_image_away_from_tile_edges(trained):
 
 
 @pytest.mark.slow  # trains a network (tracing the training graph takes 20-45 s here)
-def test_seeded_training_is_repeatable():
-    # two runs from the same generator state; on CPU with one thread TensorFlow's kernels
-    # are deterministic (measured: identical weights), see docs/segmentation.md
+def test_seeded_training_is_repeatable_while_another_thread_draws_from_pythons_random():
+    # two runs from the same generator state; on CPU with one thread TensorFlow's kernels are deterministic
+    # (measured: identical weights), see docs/segmentation.md. The second runs while another thread draws
+    # from Python's process-wide `random`, as a Dask worker's event loop does: Keras seeds unseeded layers
+    # from it, and in Dask workers the U-Nets differed from run to run until every layer had its own seed.
+    import random
+    import threading
+
     images, masks = disk_slices(2, 32, 32, np.random.default_rng(1))
-    runs = [UNetSegmenter(tile_shape_px=(32, 32), depth=1, base_filters=4, epochs=1, validation_split=0)
-            .fit(images, masks, np.random.default_rng(9)) for _ in range(2)]
-    for a, b in zip(runs[0].model.get_weights(), runs[1].model.get_weights()):
+
+    def train():
+        return (UNetSegmenter(tile_shape_px=(32, 32), depth=1, base_filters=4, epochs=1, dropout=0.2,
+                              validation_split=0).fit(images, masks, np.random.default_rng(9)))
+
+    first = train()
+    stop = threading.Event()
+    draws = threading.Thread(target=lambda: [random.random() for _ in iter(stop.is_set, True)], daemon=True)
+    draws.start()
+    try:
+        second = train()
+    finally:
+        stop.set()
+        draws.join()
+    for a, b in zip(first.model.get_weights(), second.model.get_weights()):
         np.testing.assert_array_equal(a, b)
 
 
