@@ -33,6 +33,14 @@ class EdgeResolution:
     n_edges: int
 
 
+class TooFewEdgesError(ValueError):
+    """Fewer usable edge profiles than asked for (``n_edges`` found): the image's objects have too few edges."""
+
+    def __init__(self, n_edges: int, min_edges: int):
+        super().__init__(f"image: only {n_edges} usable edge profiles, need {min_edges}")
+        self.n_edges = n_edges
+
+
 def _profile_fwhm(t: np.ndarray, profile: np.ndarray, noise_sigma: float) -> float | None:
     # Smoothing spline: residuals allowed at the noise level, so the derivative follows the edge, not the noise.
     with warnings.catch_warnings():
@@ -75,7 +83,7 @@ def edge_resolution(image: np.ndarray, *, pixel_size_nm: float, mask: np.ndarray
     band_half_width_px : int
         Each profile is the mean of ``2 b + 1`` parallel profiles one pixel apart along the edge.
     min_edges : int
-        Fewer valid profiles raise ValueError.
+        Fewer valid profiles raise :class:`TooFewEdgesError` (a ValueError).
 
     Returns
     -------
@@ -122,6 +130,6 @@ def edge_resolution(image: np.ndarray, *, pixel_size_nm: float, mask: np.ndarray
                 if w is not None and w < half_length_px:
                     widths.append(w)
     if len(widths) < min_edges:
-        raise ValueError(f"image: only {len(widths)} usable edge profiles, need {min_edges}")
+        raise TooFewEdgesError(len(widths), min_edges)
     widths = np.asarray(widths) * pixel_size_nm
     return EdgeResolution(fwhm_nm=float(widths.mean()), fwhm_std_nm=float(widths.std()), n_edges=int(widths.size))

@@ -44,3 +44,31 @@ def test_limits_and_instrument_blur():
     inst = Instrument(sc, volume_shape=(4, 16, 16))
     sigma_px = gaussian_blur_fwhm_um(sc, d) / FWHM_PER_SIGMA / sc.sample.voxel_size_um
     assert inst.blur_sigma_px[0] == pytest.approx(sigma_px, rel=1e-9)
+
+
+def test_a_segmentation_without_si_leaves_the_resolution_unmeasured_not_the_scores_failed(tmp_path):
+    """No Si segmented (a degenerate U-Net): NaN recon resolution, a warning, the truth's values and the figure."""
+    import scipy.ndimage
+    import xarray as xr
+
+    from phantoms.phases import Phase
+    from twin.warnings import TwinWarning
+    from validation.figures import resolution_figure
+    from validation.resolution_scores import resolution_metrics
+
+    sc = load_scenario("tiny")
+    z, y, x = np.mgrid[:12, :64, :64]
+    si = (y - 32) ** 2 + (x - 30) ** 2 < 20**2
+    phase = np.where(si, Phase.SI_CRYSTALLINE, Phase.ELECTROLYTE).astype(np.uint8)
+    delta = (5e-7 * si).astype(np.float32)
+    dims = ("z", "y", "x")
+    xr.Dataset({"delta": (dims, delta), "phase": (dims, phase)}).to_netcdf(tmp_path / "phantom.nc", engine="h5netcdf")
+    blurred = scipy.ndimage.gaussian_filter(delta, 2.0)
+    xr.Dataset({"delta": (dims, blurred)}).to_netcdf(tmp_path / "volume.nc", engine="h5netcdf")
+    xr.Dataset({"labels": (dims, np.zeros(si.shape, np.uint8))}).to_netcdf(tmp_path / "labels.nc", engine="h5netcdf")
+    with pytest.warns(TwinWarning, match="0 usable edge profiles"):
+        metrics, example = resolution_metrics(sc, tmp_path / "phantom.nc", tmp_path / "volume.nc", tmp_path / "labels.nc",
+                                              slice_step=1)
+    assert np.isnan(metrics["recon.resolution_fwhm_nm"]) and metrics["recon.resolution_n_edges"] == 0
+    assert np.isfinite(metrics["truth.resolution_fwhm_nm"]) and np.isfinite(metrics["truth.resolution_edge_fwhm_nm"])
+    assert resolution_figure(example, metrics, sc.sample.voxel_size_um, tmp_path / "resolution.png").stat().st_size > 0

@@ -54,9 +54,10 @@ def resolution_figure(example: dict, metrics: dict[str, float], voxel_size_um: f
     from skimage.restoration import estimate_sigma
 
     plt = _plt()
-    z = int(example["slices"][len(example["slices"]) // 2])
+    slices = example["slices"]
+    z = int(slices[len(slices) // 2]) if len(slices) else len(example["image"]) // 2  # no Si segmented: the middle
     img, mask = example["image"][z], example["mask"][z]
-    contour = max(find_contours(mask.astype(float), 0.5), key=len)
+    contour = max(find_contours(mask.astype(float), 0.5), key=len, default=np.zeros((0, 2)))
     smooth = ndi.gaussian_filter(mask.astype(float), 2.0)
     gy, gx = np.gradient(smooth)
     half = 10.0
@@ -104,6 +105,10 @@ def resolution_figure(example: dict, metrics: dict[str, float], voxel_size_um: f
         ax.legend(loc="upper left", fontsize=8)
         ax2.legend(loc="upper right", fontsize=8)
     axes[0].set_title(f"T0, slice z = {z}")
+    if not np.isfinite(metrics["recon.resolution_fwhm_nm"]):
+        axes[1].set_title(f"not measured: the segmentation's Si outlines give {metrics['recon.resolution_n_edges']:.0f}"
+                          f" usable edge profiles; truth {metrics['truth.resolution_fwhm_nm']:.0f} nm", fontsize=9)
+        return _save(fig, path)
     axes[1].set_title(f"mean over {metrics['recon.resolution_n_edges']:.0f} edges: {metrics['recon.resolution_fwhm_nm']:.0f}"
                       f" ± {metrics['recon.resolution_fwhm_std_nm']:.0f} nm; truth {metrics['truth.resolution_fwhm_nm']:.0f} nm"
                       f" (edge procedure on the true δ: {metrics['truth.resolution_edge_fwhm_nm']:.0f} nm)", fontsize=9)

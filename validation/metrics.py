@@ -99,8 +99,10 @@ def compute_image_scores(ctx: StageContext) -> None:
     figures.resolution_figure(example, resolution, voxel_um, out / "resolution.png")
 
     charged = most_charged_scan(ctx.input("rehearsal") / "schedule.csv")
-    # the classifier's synthetic particles get the blur the reconstruction was measured to have
-    blur_sigma_px = resolution["recon.resolution_fwhm_nm"] / FWHM_PER_SIGMA / (voxel_um * 1e3)
+    # the classifier's synthetic particles get the blur the reconstruction was measured to have (where it could
+    # not be measured, the instrument's: the reconstruction's own widening then goes unmodelled)
+    fwhm_nm = resolution["recon.resolution_fwhm_nm"]
+    blur_sigma_px = (fwhm_nm if np.isfinite(fwhm_nm) else resolution["truth.resolution_fwhm_nm"]) / FWHM_PER_SIGMA / (voxel_um * 1e3)
     metrics.update(mechanism_metrics(ctx.input("reconstruction", charged) / "volume.nc",
                                      ctx.input("segmentation", charged) / "labels.nc",
                                      ctx.input("particle_labels", charged) / "particle_labels.nc", phantoms[charged],

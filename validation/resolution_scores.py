@@ -30,15 +30,16 @@ reconstruction's contribution.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
 import xarray as xr
 
+from pipeline.resolution import EdgeResolution, TooFewEdgesError, edge_resolution
 from pipeline.segmentation import si_from_labels
-
-from pipeline.resolution import edge_resolution
+from twin.warnings import TwinWarning
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -116,6 +117,9 @@ def resolution_metrics(scenario, truth_nc: Path, volume_nc: Path, labels_nc: Pat
         ``truth.resolution_fwhm_nm``, ``truth.resolution_edge_fwhm_nm``.
     example : dict
         One profile of the reconstruction for the figure (``image``, ``mask``, slice index).
+
+    A segmentation with too few Si outlines to measure (fewer than 10 usable edge profiles) gives NaN
+    ``recon.resolution_fwhm_nm`` and ``_std_nm`` and a :class:`twin.warnings.TwinWarning`, not an error.
     """
     from phantoms.phases import si_mask
 
@@ -135,7 +139,13 @@ def resolution_metrics(scenario, truth_nc: Path, volume_nc: Path, labels_nc: Pat
                "truth.resolution_gaussian_fwhm_nm": gauss_nm}
 
     z = _electrode_slices(labels, slice_step)
-    measured = edge_resolution(rec[z].astype(np.float64), pixel_size_nm=voxel_nm, mask=labels[z])
+    try:
+        measured = edge_resolution(rec[z].astype(np.float64), pixel_size_nm=voxel_nm, mask=labels[z])
+    except TooFewEdgesError as few:
+        # a segmentation with (almost) no Si leaves no edges to measure: the other scores still stand
+        warnings.warn(f"recon.resolution_fwhm_nm: not measured, the segmentation's Si outlines give {few.n_edges} "
+                      f"usable edge profiles ({few})", TwinWarning, stacklevel=2)
+        measured = EdgeResolution(float("nan"), float("nan"), few.n_edges)
     metrics.update({"recon.resolution_fwhm_nm": measured.fwhm_nm, "recon.resolution_fwhm_std_nm": measured.fwhm_std_nm,
                     "recon.resolution_n_edges": float(measured.n_edges)})
 
