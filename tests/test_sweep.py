@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 
 import _dummy_stages as dummy
+from pipeline.segmentation import configure_tensorflow
 from twin.errors import ScenarioError
 from twin.sweep import Param, parse_param, sweep_points, run_sweep
+
+# share the CI cores; the Dask workers this file starts get the same TensorFlow threads (TF_NUM_*_THREADS), as
+# U-Nets trained on another number of threads differ (Eigen splits its reductions by thread)
+configure_tensorflow(threads=1)
+TENSORFLOW_THREADS = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
 @pytest.fixture
@@ -144,7 +150,8 @@ def test_a_delta_beta_by_node_spacing_sweep_of_the_real_stages_runs_on_a_separat
         "truth": 3, "holograms": 3, "reconstruction": 6, "segmentation_training": 2, "dic": 8}
     assert remote.attrs["sharing_ratio"] < 0.8  # 1 if nothing were shared; this sweep in-process measured 0.52
     # the same point in this process gives every score the same, the U-Nets trained in the workers included (their
-    # layers are seeded; from Python's `random`, which the workers' event loops draw from too, they differed)
+    # layers are seeded; from Python's `random`, which the workers' event loops draw from too, they differed) as
+    # long as TensorFlow runs on as many threads here as there
     local = run_sweep("tiny", [parse_param("reconstruction.delta_beta=300"), parse_param("dic.node_spacing_px=[16,12]")],
                       tmp_path / "local", overrides=MICRO)
     scores = [name for name in local.data_vars if not name.startswith("runtime_s.") and name != "computed_nodes"]
@@ -159,6 +166,7 @@ def _join_total(runner):
 
 def _start_dask(tmp_path, n_workers: int):
     """A scheduler and workers (with nannies) as their own processes on loopback; returns (address, processes)."""
+    import os
     import re
     import shutil
     import subprocess
@@ -179,7 +187,8 @@ def _start_dask(tmp_path, n_workers: int):
         address = found.group(1) if found else None
         time.sleep(0.2)
     procs.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", str(n_workers), "--nthreads", "1",
-                                   "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                   "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env={**os.environ, **TENSORFLOW_THREADS}))
     return address, procs
 
 
