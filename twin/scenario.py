@@ -534,7 +534,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         path.append(name)
         while rest:
             index, _, rest = rest.partition("]")
-            if not index.isdigit() or (rest and not rest.startswith("[")):
+            if not (index.isascii() and index.isdigit()) or (rest and not rest.startswith("[")):  # "²".isdigit()
                 raise ScenarioError(f"--set {text!r}: bad index in {part!r}")
             path.append(int(index))
             rest = rest[1:]
