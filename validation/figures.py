@@ -64,8 +64,9 @@ def resolution_figure(example: dict, metrics: dict[str, float], voxel_size_um: f
     t = np.arange(-half, half + 0.5)
     noise = float(estimate_sigma(img))
     target_px = metrics["recon.resolution_fwhm_nm"] / (voxel_size_um * 1e3)
+    measured = bool(np.isfinite(target_px))
     best = None  # the profile whose own FWHM is nearest the mean over all edges: a representative one
-    for r, c in contour[:: max(1, len(contour) // 60)]:
+    for r, c in contour[:: max(1, len(contour) // 60)] if measured else ():
         ri, ci = int(round(r)), int(round(c))
         norm = np.hypot(gy[ri, ci], gx[ri, ci])
         if not (half <= r < img.shape[0] - half and half <= c < img.shape[1] - half) or norm < 1e-3:
@@ -105,7 +106,7 @@ def resolution_figure(example: dict, metrics: dict[str, float], voxel_size_um: f
         ax.legend(loc="upper left", fontsize=8)
         ax2.legend(loc="upper right", fontsize=8)
     axes[0].set_title(f"T0, slice z = {z}")
-    if not np.isfinite(metrics["recon.resolution_fwhm_nm"]):
+    if not measured:
         axes[1].set_title(f"not measured: the segmentation's Si outlines give {metrics['recon.resolution_n_edges']:.0f}"
                           f" usable edge profiles; truth {metrics['truth.resolution_fwhm_nm']:.0f} nm", fontsize=9)
         return _save(fig, path)

@@ -102,7 +102,9 @@ def compute_image_scores(ctx: StageContext) -> None:
     # the classifier's synthetic particles get the blur the reconstruction was measured to have (where it could
     # not be measured, the instrument's: the reconstruction's own widening then goes unmodelled)
     fwhm_nm = resolution["recon.resolution_fwhm_nm"]
-    blur_sigma_px = (fwhm_nm if np.isfinite(fwhm_nm) else resolution["truth.resolution_fwhm_nm"]) / FWHM_PER_SIGMA / (voxel_um * 1e3)
+    if not np.isfinite(fwhm_nm):
+        fwhm_nm = resolution["truth.resolution_fwhm_nm"]
+    blur_sigma_px = fwhm_nm / FWHM_PER_SIGMA / (voxel_um * 1e3)
     metrics.update(mechanism_metrics(ctx.input("reconstruction", charged) / "volume.nc",
                                      ctx.input("segmentation", charged) / "labels.nc",
                                      ctx.input("particle_labels", charged) / "particle_labels.nc", phantoms[charged],
