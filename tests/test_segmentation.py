@@ -137,7 +137,11 @@ def test_seeded_training_is_repeatable_while_another_thread_draws_from_pythons_r
 
     first = train()
     stop = threading.Event()
-    draws = threading.Thread(target=lambda: [random.random() for _ in iter(stop.is_set, True)], daemon=True)
+    def draw_until_stopped():
+        while not stop.is_set():
+            random.random()
+
+    draws = threading.Thread(target=draw_until_stopped, daemon=True)
     draws.start()
     try:
         second = train()
